@@ -1,0 +1,115 @@
+"""Find the Caffe installation the user has.
+
+Order: ``CAFFE_BIN`` (a caffe binary), ``CAFFE_ROOT`` (a source build or an
+install prefix), ``caffe`` on PATH (conda), then the project's private Debian
+prefix made by ``scripts/setup-caffe.sh`` (``METAQNN_CAFFE_PREFIX`` or
+``.deps/caffe``).  The result also names the sibling tools (convert_mnist_data,
+extract_features, ...) and where a caffe_pb2.py / caffe.proto / libcaffe may be.
+"""
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from metaqnn.config import PROJECT_ROOT
+from qagent.errors import MetaQNNError
+
+
+class CaffeNotFoundError(MetaQNNError):
+    pass
+
+
+@dataclass(frozen=True)
+class CaffeInstall:
+    binary: Path
+    origin: str  # which rule found it, for messages
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.binary.parent
+
+    def tool(self, name: str) -> Path:
+        """A sibling tool such as convert_mnist_data (source builds keep them in build/examples/...)."""
+        candidates = [self.bin_dir / name, self.bin_dir / f"{name}.bin"]
+        root = self.root
+        if root is not None:
+            candidates += [root / "build" / "tools" / f"{name}.bin", root / "build" / "tools" / name]
+            candidates += list((root / "build" / "examples").glob(f"*/{name}.bin"))
+        found = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+        on_path = shutil.which(name)
+        if found is None and on_path:
+            found = Path(on_path)
+        if found is None:
+            raise CaffeNotFoundError(f"Caffe tool {name!r} not found next to {self.binary}")
+        return found
+
+    @property
+    def root(self) -> Optional[Path]:
+        """The folder above bin/ (or above build/tools/ for a source build)."""
+        parent = self.binary.parent
+        if parent.name == "tools" and parent.parent.name == "build":
+            return parent.parent.parent
+        return parent.parent
+
+    def schema_candidates(self) -> List[Path]:
+        """Files that may carry the caffe.proto descriptor, most direct first."""
+        root = self.root
+        out: List[Path] = []
+        if root is None:
+            return out
+        out += sorted(root.glob("python/caffe/proto/caffe_pb2.py"))
+        out += sorted(root.glob("root/usr/lib/python3/dist-packages/caffe/proto/caffe_pb2.py"))
+        out += sorted(root.glob("lib/python3*/site-packages/caffe/proto/caffe_pb2.py"))
+        out += sorted(root.glob("root/usr/lib/x86_64-linux-gnu/libcaffe.so*"))
+        out += sorted(root.glob("lib/libcaffe*.so*")) + sorted(root.glob("build/lib/libcaffe*.so*"))
+        out += sorted(root.glob("src/caffe/proto/caffe.proto")) + sorted(root.glob("include/caffe/proto/caffe.proto"))
+        return [p for p in out if p.is_file()]
+
+    def version(self) -> str:
+        proc = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True, timeout=60, check=False)
+        return (proc.stdout + proc.stderr).strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
+
+    def supports_gpu(self) -> bool:
+        """A CPU_ONLY build reports 'Cannot use GPU' for device_query; so does a machine with no GPU."""
+        proc = subprocess.run(
+            [str(self.binary), "device_query", "--gpu", "0"], capture_output=True, text=True, timeout=60, check=False
+        )
+        return proc.returncode == 0
+
+
+def default_prefix() -> Path:
+    return Path(os.environ.get("METAQNN_CAFFE_PREFIX") or PROJECT_ROOT / ".deps" / "caffe")
+
+
+def find_caffe() -> CaffeInstall:
+    searched: List[str] = []
+    env_bin = os.environ.get("CAFFE_BIN")
+    if env_bin:
+        p = Path(env_bin)
+        if p.is_file() and os.access(p, os.X_OK):
+            return CaffeInstall(p, "CAFFE_BIN")
+        raise CaffeNotFoundError(f"CAFFE_BIN={env_bin} is not an executable file")
+    env_root = os.environ.get("CAFFE_ROOT")
+    if env_root:
+        for rel in ("build/tools/caffe", "build/tools/caffe.bin", "bin/caffe"):
+            p = Path(env_root) / rel
+            if p.is_file() and os.access(p, os.X_OK):
+                return CaffeInstall(p, "CAFFE_ROOT")
+        raise CaffeNotFoundError(f"CAFFE_ROOT={env_root} holds no build/tools/caffe or bin/caffe")
+    searched.append("CAFFE_BIN, CAFFE_ROOT (unset)")
+    on_path = shutil.which("caffe")
+    if on_path:
+        return CaffeInstall(Path(on_path), "PATH")
+    searched.append("caffe on PATH")
+    prefix = default_prefix()
+    p = prefix / "bin" / "caffe"
+    if p.is_file() and os.access(p, os.X_OK):
+        return CaffeInstall(p, "private prefix")
+    searched.append(str(p))
+    raise CaffeNotFoundError(
+        "no Caffe found (searched " + "; ".join(searched) + "): run `make caffe` (Debian/Ubuntu), "
+        "install conda's caffe (environment.yml), or set CAFFE_BIN/CAFFE_ROOT"
+    )

@@ -1,0 +1,187 @@
+"""Architecture -> typed list of Caffe layers, the way the authors' files lay them out.
+
+Rendering is split in two so templates stay dumb: this module decides every
+name, blob, padding and dropout ratio; ``prototxt_templates/net.prototxt.j2``
+only loops over the resulting list.  Conventions read off the published files
+(see docs/deviations.md):
+
+* names count per type: Convolution1.., ReLU1.., Dropout1.., Pooling1..,
+  InnerProduct1.., Accuracy1, SoftmaxWithLoss1; ReLUs are in place;
+* a dropout follows every second layer (conv, pool and FC all count), after
+  that layer's ReLU; the i-th of n dropouts gets i/(2n) ("paper"), or the
+  published MNIST rule ("mnist_published": a dropout also after every FC and
+  ratio 0.5 - 0.1*floor((n-i)/2));
+* GAP = Convolution 1x1 (num_classes, no pad/stride lines) + ReLU + AVE pooling
+  over the whole remaining map, then the InnerProduct(num_classes) classifier.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from qagent.arch import FC, GAP, Conv, Layer, Pool, Softmax
+from qagent.errors import ConfigError
+from qagent.space import conv_output, pool_output
+
+DROPOUT_RULES = ("paper", "mnist_published", "none")
+
+
+@dataclass(frozen=True)
+class Transform:
+    mirror: bool = False
+    crop_size: int = 0
+    scale: float = 0.0
+    mean_file: str = ""
+
+
+@dataclass(frozen=True)
+class CaffeLayer:
+    """One layer block; ``params`` is an ordered tuple of (field, value) pairs inside its *_param block."""
+
+    kind: str  # data | conv | relu | dropout | pool | ip | accuracy | loss
+    name: str
+    type: str
+    bottoms: Tuple[str, ...]
+    tops: Tuple[str, ...]
+    params: Tuple[Tuple[str, object], ...] = ()
+    phase: str = ""
+    transform: Tuple[Tuple[str, object], ...] = ()
+    filler: bool = False
+
+
+@dataclass
+class NetSpec:
+    layers: List[CaffeLayer] = field(default_factory=list)
+    # Learnable parameters of the classifier net (weights + biases).
+    param_count: int = 0
+
+
+def dropout_ratios(n: int, rule: str) -> List[float]:
+    if rule == "paper":
+        return [i / (2 * n) for i in range(1, n + 1)]
+    if rule == "mnist_published":
+        return [max(0.0, round(0.5 - 0.1 * ((n - i) // 2), 10)) for i in range(1, n + 1)]
+    if rule == "none":
+        return []
+    raise ConfigError(f"render.dropout must be one of {', '.join(DROPOUT_RULES)}, got {rule!r}")
+
+
+def dropout_positions(layers: Sequence[Layer], rule: str) -> List[int]:
+    """Indices (into the hidden layers) after which a dropout layer goes."""
+    if rule == "none":
+        return []
+    out = []
+    for i, layer in enumerate(layers):
+        if (i + 1) % 2 == 0 or (rule == "mnist_published" and isinstance(layer, FC)):
+            out.append(i)
+    return out
+
+
+def _transform_fields(t: Transform, train: bool) -> Tuple[Tuple[str, object], ...]:
+    fields: List[Tuple[str, object]] = []
+    if t.scale:
+        fields.append(("scale", float(t.scale)))
+    if train:
+        fields.append(("mirror", bool(t.mirror)))
+    if t.crop_size:
+        fields.append(("crop_size", int(t.crop_size)))
+    if t.mean_file:
+        fields.append(("mean_file", t.mean_file))
+    return tuple(fields)
+
+
+def build_net(
+    layers: Sequence[Layer],
+    *,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    train_source: str,
+    test_source: str,
+    transform: Transform = Transform(),
+    dropout: str = "paper",
+    train_batch: int = 128,
+    test_batch: int = 100,
+) -> NetSpec:
+    if not layers or not isinstance(layers[-1], Softmax):
+        raise ConfigError("an architecture must end with SM(n)")
+    if layers[-1].classes != num_classes:
+        raise ConfigError(f"architecture ends with {layers[-1]} but the dataset has {num_classes} classes")
+    hidden = [layer for layer in layers if isinstance(layer, (Conv, Pool, FC))]
+    gap = any(isinstance(layer, GAP) for layer in layers)
+    positions = dropout_positions(hidden, dropout)
+    ratios = dict(zip(positions, dropout_ratios(len(positions), dropout)))
+
+    spec = NetSpec()
+    add = spec.layers.append
+    add(CaffeLayer("data", "data", "Data", (), ("data", "label"), phase="TRAIN",
+                   transform=_transform_fields(transform, True),
+                   params=(("source", train_source), ("batch_size", train_batch), ("backend", "LMDB"))))
+    add(CaffeLayer("data", "data", "Data", (), ("data", "label"), phase="TEST",
+                   transform=_transform_fields(transform, False),
+                   params=(("source", test_source), ("batch_size", test_batch), ("backend", "LMDB"))))
+    counts: Dict[str, int] = {}
+
+    def name(kind: str) -> str:
+        counts[kind] = counts.get(kind, 0) + 1
+        return f"{kind}{counts[kind]}"
+
+    blob = "data"
+    size, depth, flat = image_size, channels, False  # depth = channels of the current blob
+    params = 0
+
+    def relu_on(top: str) -> None:
+        add(CaffeLayer("relu", name("ReLU"), "ReLU", (top,), (top,)))
+
+    for i, layer in enumerate(hidden):
+        if isinstance(layer, Conv):
+            top = name("Convolution")
+            pad = layer.size // 2
+            add(CaffeLayer("conv", top, "Convolution", (blob,), (top,), filler=True, params=(
+                ("num_output", layer.filters), ("pad", pad), ("kernel_size", layer.size), ("stride", layer.stride))))
+            params += layer.filters * (depth * layer.size * layer.size + 1)
+            size, depth = conv_output(size, layer.size, layer.stride), layer.filters
+            relu_on(top)
+        elif isinstance(layer, Pool):
+            top = name("Pooling")
+            add(CaffeLayer("pool", top, "Pooling", (blob,), (top,), params=(
+                ("pool", "MAX"), ("kernel_size", layer.size), ("stride", layer.stride))))
+            size = pool_output(size, layer.size, layer.stride)
+        else:
+            top = name("InnerProduct")
+            add(CaffeLayer("ip", top, "InnerProduct", (blob,), (top,), filler=True,
+                           params=(("num_output", layer.units),)))
+            fan_in = depth if flat else depth * size * size
+            params += layer.units * (fan_in + 1)
+            size, depth, flat = 1, layer.units, True
+            relu_on(top)
+        blob = top
+        if i in ratios:
+            top = name("Dropout")
+            add(CaffeLayer("dropout", top, "Dropout", (blob,), (top,), params=(("dropout_ratio", ratios[i]),)))
+            blob = top
+    if gap:
+        top = name("Convolution")
+        add(CaffeLayer("conv", top, "Convolution", (blob,), (top,), filler=True, params=(
+            ("num_output", num_classes), ("kernel_size", 1))))
+        params += num_classes * (depth + 1)
+        depth = num_classes
+        relu_on(top)
+        blob = top
+        top = name("Pooling")
+        add(CaffeLayer("pool", top, "Pooling", (blob,), (top,), params=(("pool", "AVE"), ("kernel_size", size))))
+        size = 1
+        blob = top
+    top = name("InnerProduct")
+    add(CaffeLayer("ip", top, "InnerProduct", (blob,), (top,), filler=True, params=(("num_output", num_classes),)))
+    params += num_classes * ((depth if flat else depth * size * size) + 1)
+    add(CaffeLayer("accuracy", "Accuracy1", "Accuracy", (top, "label"), ("Accuracy1",)))
+    add(CaffeLayer("loss", "SoftmaxWithLoss1", "SoftmaxWithLoss", (top, "label"), ("SoftmaxWithLoss1",)))
+    spec.param_count = params
+    return spec
+
+
+def param_block(kind: str) -> Optional[str]:
+    return {
+        "data": "data_param", "conv": "convolution_param", "pool": "pooling_param", "ip": "inner_product_param",
+        "dropout": "dropout_param",
+    }.get(kind)

@@ -1,0 +1,63 @@
+"""Render typed net/solver specs through the Jinja2 templates in prototxt_templates/.
+
+Values are printed by type: enums bare (``MAX``, ``LMDB``, ``TRAIN``), strings
+quoted, floats with ``repr`` (the shortest text that round-trips exactly, so a
+learning rate of 1e-05 is never truncated by ``%f``), bools as true/false.
+"""
+
+import json
+from functools import lru_cache
+from typing import Any, Sequence, Tuple
+
+import jinja2
+
+from metaqnn.config import PROJECT_ROOT
+from metaqnn.netspec import NetSpec, param_block
+
+TEMPLATES_DIR = PROJECT_ROOT / "prototxt_templates"
+ENUM_FIELDS = {"pool", "backend", "phase", "solver_mode"}
+
+
+def pb_value(value: Any, key: str = "") -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return value if key in ENUM_FIELDS else json.dumps(value)
+    raise TypeError(f"cannot render {value!r} for field {key!r}")
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pb"] = pb_value
+    return env
+
+
+class _LayerView:
+    """What the template sees of a CaffeLayer: the fields plus its *_param block name."""
+
+    def __init__(self, layer: Any) -> None:
+        self._layer = layer
+        self.block = param_block(layer.kind)
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._layer, item)
+
+
+def render_net(spec: NetSpec) -> str:
+    return _env().get_template("net.prototxt.j2").render(layers=[_LayerView(layer) for layer in spec.layers])
+
+
+def render_solver(fields: Sequence[Tuple[str, Any]]) -> str:
+    return _env().get_template("solver.prototxt.j2").render(fields=list(fields))

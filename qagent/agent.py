@@ -1,0 +1,134 @@
+"""The MetaQNN agent: Algorithm 1 without the training.
+
+It proposes architectures and consumes rewards; it never trains, renders or
+touches a disk.  One ``random.Random`` seeded once drives every choice (the
+epsilon-greedy walk and the replay sampling), and its state travels with the
+agent's other state through the experiment store, so a resumed search draws
+exactly the numbers an uninterrupted one would.
+"""
+
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from qagent.arch import Architecture, format_architecture, parse_architecture
+from qagent.errors import ConfigError
+from qagent.qlearning import EncodedStep, QTable, sample_trajectory
+from qagent.schedule import EpsilonSchedule
+from qagent.space import SpaceConfig, architecture_of, trajectory_of
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Section 4.3 values by default; ``failure_reward`` None means 1/num_classes (a random predictor)."""
+
+    alpha: float = 0.01
+    gamma: float = 1.0
+    q_init: float = 0.5
+    replays_per_model: int = 100
+    seed: int = 0
+    failure_reward: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"agent.alpha must be in (0, 1], got {self.alpha}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"agent.gamma must be in [0, 1], got {self.gamma}")
+        if self.replays_per_model < 0:
+            raise ConfigError(f"agent.replays_per_model must be >= 0, got {self.replays_per_model}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"agent.seed must be an integer, got {self.seed!r}")
+        if self.failure_reward is not None and not 0.0 <= self.failure_reward <= 1.0:
+            raise ConfigError(f"agent.failure_reward must be in [0, 1] or null, got {self.failure_reward}")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One sampled architecture. ``known_reward`` is set when the replay dictionary already has it."""
+
+    arch: str
+    layers: Architecture
+    epsilon: float
+    encoded: Tuple[EncodedStep, ...]
+    known_reward: Optional[float]
+
+
+class Agent:
+    def __init__(self, space: SpaceConfig, schedule: EpsilonSchedule, config: AgentConfig) -> None:
+        self.space = space
+        self.schedule = schedule
+        self.config = config
+        self.q = QTable(space, config.q_init)
+        self.rng = random.Random(config.seed)
+        self.replay: List[Tuple[Tuple[EncodedStep, ...], float]] = []
+        self.rewards: Dict[str, float] = {}
+        self.trained_per_epsilon: Dict[float, int] = {}
+        self.skipped: Set[str] = set()
+        self.iteration = 0
+
+    # -- schedule -----------------------------------------------------------------
+    @property
+    def epsilon(self) -> Optional[float]:
+        return self.schedule.current(self.trained_per_epsilon)
+
+    @property
+    def done(self) -> bool:
+        return self.epsilon is None
+
+    @property
+    def failure_reward(self) -> float:
+        fr = self.config.failure_reward
+        return 1.0 / self.space.num_classes if fr is None else fr
+
+    # -- Algorithm 2 --------------------------------------------------------------
+    def propose(self) -> Proposal:
+        eps = self.epsilon
+        if eps is None:
+            raise RuntimeError("the epsilon schedule is complete")
+        steps, encoded = sample_trajectory(self.q, eps, self.rng)
+        layers = architecture_of(self.space, steps)
+        arch = format_architecture(layers)
+        return Proposal(arch, layers, eps, tuple(encoded), self.rewards.get(arch))
+
+    def encode(self, arch: str) -> Tuple[EncodedStep, ...]:
+        return tuple(self.q.encode(trajectory_of(self.space, parse_architecture(arch))))
+
+    # -- Algorithm 1's bookkeeping and Algorithm 3 ------------------------------------
+    def observe(self, arch: str, encoded: Tuple[EncodedStep, ...], reward: float, epsilon: float) -> bool:
+        """Store the result, then replay ``replays_per_model`` uniform samples of the memory.
+
+        A re-sampled architecture is not retrained: its stored reward is appended to the
+        memory again (so frequently chosen nets weigh more) but does not advance the schedule.
+        Returns True when this was a new unique model.
+        """
+        new = arch not in self.rewards
+        if new:
+            self.rewards[arch] = reward
+            self.trained_per_epsilon[epsilon] = self.trained_per_epsilon.get(epsilon, 0) + 1
+        self.replay.append((encoded, reward))
+        self.iteration += 1
+        self._replay()
+        return new
+
+    def _replay(self) -> None:
+        memory = self.replay
+        size = len(memory)
+        randrange = self.rng.randrange
+        update = self.q.update
+        alpha, gamma = self.config.alpha, self.config.gamma
+        for _ in range(self.config.replays_per_model):
+            encoded, reward = memory[randrange(size)]
+            update(encoded, reward, alpha, gamma)
+
+    def skip(self, arch: str) -> None:
+        """An architecture that cannot be trained at all (out of memory): never hand it out again."""
+        self.skipped.add(arch)
+        self.iteration += 1
+
+    # -- persistence helpers --------------------------------------------------------
+    def rng_state(self) -> List[Any]:
+        version, internal, gauss = self.rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_rng_state(self, state: List[Any]) -> None:
+        self.rng.setstate((state[0], tuple(state[1]), state[2]))

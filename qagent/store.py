@@ -1,0 +1,364 @@
+"""The experiment store: one SQLite file per experiment.
+
+It holds the config, every sampled and trained architecture with its status
+and metrics, the Q-table, the RNG state and the sampling history, and every
+result is written in one transaction together with the Q rows it changed and
+the RNG state after its replays.  A search killed at any instant therefore
+restarts from the last committed model: nothing completed is lost or trained
+again.  The schedule position is derived from the models table, never stored.
+
+Writers hold an ``flock`` on ``<store>.lock`` (released by the kernel if the
+process dies, so kill -9 leaves no stale lock); readers (``status``, reports)
+open the database read-only and need no lock (WAL mode).
+"""
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, TextIO
+
+from qagent.agent import Agent, Proposal
+from qagent.errors import StoreError, StoreLockedError
+from qagent.space import State
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models(
+    id INTEGER PRIMARY KEY,
+    arch TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,           -- running | done | failed | oom
+    epsilon REAL NOT NULL,          -- epsilon when first sampled (the schedule counts these)
+    reward REAL,
+    metrics TEXT,                   -- JSON: curve, restarts, lr, wall time, ...
+    message TEXT,
+    rng_after TEXT,                 -- RNG state right after this model was sampled (crash resume)
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started REAL, finished REAL
+);
+CREATE TABLE IF NOT EXISTS samples(
+    iteration INTEGER PRIMARY KEY,  -- every architecture the agent drew, duplicates included
+    arch TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    reward REAL,                    -- NULL for a skipped (out-of-memory) model
+    duplicate INTEGER NOT NULL,
+    time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS qstates(id INTEGER PRIMARY KEY, state TEXT UNIQUE NOT NULL, actions TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS qvalues(id INTEGER PRIMARY KEY, q BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS agent(id INTEGER PRIMARY KEY CHECK (id = 0), rng TEXT NOT NULL);
+"""
+
+TRAINED = ("done", "failed")
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    id: int
+    arch: str
+    status: str
+    epsilon: float
+    reward: Optional[float]
+    metrics: Dict[str, Any]
+    message: Optional[str]
+    attempts: int
+    started: Optional[float]
+    finished: Optional[float]
+
+
+def _row_to_model(r: sqlite3.Row) -> ModelRow:
+    return ModelRow(
+        r["id"],
+        r["arch"],
+        r["status"],
+        r["epsilon"],
+        r["reward"],
+        json.loads(r["metrics"]) if r["metrics"] else {},
+        r["message"],
+        r["attempts"],
+        r["started"],
+        r["finished"],
+    )
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        if not path.exists():
+            raise StoreError(f"no experiment store at {path}")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    else:
+        conn = sqlite3.connect(str(path), timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed transaction survives any crash of this process.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class ExperimentStore:
+    """Open with :meth:`open` (writer, locked) or :meth:`open_readonly`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock: Optional[TextIO]) -> None:
+        self.path = path
+        self.conn = conn
+        self._lock = lock
+        self._persisted_states = 0
+
+    # -- opening ------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, config: Optional[Dict[str, Any]] = None) -> "ExperimentStore":
+        """Create or reopen for writing; ``config`` must equal the stored one on reopen."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(str(path) + ".lock", "a+")  # noqa: SIM115 -- held for the store's lifetime
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise StoreLockedError(f"experiment {path.parent} is already open for writing by {holder}") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        try:
+            conn = _connect(path, readonly=False)
+            with conn:
+                conn.executescript(_SCHEMA)
+            store = cls(path, conn, lock)
+            store._check_meta(config)
+        except sqlite3.DatabaseError as exc:
+            lock.close()
+            raise StoreError(f"cannot open experiment store {path}: {exc}") from None
+        except Exception:
+            lock.close()
+            raise
+        return store
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> "ExperimentStore":
+        try:
+            return cls(Path(path), _connect(Path(path), readonly=True), None)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read experiment store {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "ExperimentStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_meta(self, config: Optional[Dict[str, Any]]) -> None:
+        meta = self.meta()
+        if not meta:
+            if config is None:
+                raise StoreError(f"{self.path} is a new experiment and no config was given")
+            with self.conn:
+                self.conn.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)",
+                    [
+                        ("schema", str(SCHEMA_VERSION)),
+                        ("config", json.dumps(config, sort_keys=True)),
+                        ("created", str(time.time())),
+                    ],
+                )
+            return
+        if meta.get("schema") != str(SCHEMA_VERSION):
+            raise StoreError(f"{self.path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
+        if config is not None:
+            stored = json.loads(meta["config"])
+            if stored != json.loads(json.dumps(config)):
+                diffs = _config_diff(stored, config)
+                raise StoreError(
+                    f"experiment {self.path.parent} was created with a different config ({diffs}); "
+                    "resume it without overrides or use a new EXP name"
+                )
+
+    # -- reading ------------------------------------------------------------------
+    def meta(self) -> Dict[str, str]:
+        return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
+
+    def config(self) -> Dict[str, Any]:
+        return json.loads(self.meta()["config"])  # type: ignore[no-any-return]
+
+    def models(self, status: Optional[str] = None) -> List[ModelRow]:
+        if status is None:
+            rows = self.conn.execute("SELECT * FROM models ORDER BY id")
+        else:
+            rows = self.conn.execute("SELECT * FROM models WHERE status = ? ORDER BY id", (status,))
+        return [_row_to_model(r) for r in rows]
+
+    def model(self, arch: str) -> Optional[ModelRow]:
+        r = self.conn.execute("SELECT * FROM models WHERE arch = ?", (arch,)).fetchone()
+        return None if r is None else _row_to_model(r)
+
+    def top_models(self, k: int) -> List[ModelRow]:
+        rows = self.conn.execute(
+            "SELECT * FROM models WHERE status = 'done' ORDER BY reward DESC, id ASC LIMIT ?", (k,)
+        )
+        return [_row_to_model(r) for r in rows]
+
+    def samples(self) -> Iterator[sqlite3.Row]:
+        return iter(self.conn.execute("SELECT * FROM samples ORDER BY iteration"))
+
+    def q_rows(self) -> Iterator[sqlite3.Row]:
+        """(state, actions JSON, q BLOB) rows for reports."""
+        return iter(
+            self.conn.execute(
+                "SELECT s.state, s.actions, v.q FROM qstates s JOIN qvalues v ON v.id = s.id ORDER BY s.id"
+            )
+        )
+
+    def trained_per_epsilon(self) -> Dict[float, int]:
+        rows = self.conn.execute(
+            "SELECT epsilon, COUNT(*) AS n FROM models WHERE status IN ('done', 'failed') GROUP BY epsilon"
+        )
+        return {r["epsilon"]: r["n"] for r in rows}
+
+    def running(self) -> List[ModelRow]:
+        return self.models("running")
+
+    def rng_after(self, arch: str) -> Optional[List[Any]]:
+        """RNG state right after ``arch`` was sampled (resuming a model that was in flight)."""
+        r = self.conn.execute("SELECT rng_after FROM models WHERE arch = ?", (arch,)).fetchone()
+        return None if r is None or r["rng_after"] is None else json.loads(r["rng_after"])  # type: ignore[no-any-return]
+
+    # -- agent state ----------------------------------------------------------------
+    def load_agent(self, agent: Agent) -> None:
+        """Restore Q rows, replay memory, replay dictionary, counts and RNG into a fresh agent."""
+        q = agent.q
+        for r in self.conn.execute("SELECT s.state, v.q FROM qstates s JOIN qvalues v ON v.id = s.id ORDER BY s.id"):
+            values = array("d")
+            values.frombytes(r["q"])
+            q.load_row(State.from_key(r["state"]), values)
+        self._persisted_states = len(q)
+        q.dirty = set()
+        for m in self.models():
+            if m.status in TRAINED:
+                agent.rewards[m.arch] = m.reward  # type: ignore[assignment]
+            elif m.status == "oom":
+                agent.skipped.add(m.arch)
+        agent.trained_per_epsilon = self.trained_per_epsilon()
+        encodings: Dict[str, Any] = {}
+        for s in self.samples():
+            agent.iteration = s["iteration"]
+            if s["reward"] is None:
+                continue
+            enc = encodings.get(s["arch"])
+            if enc is None:
+                enc = encodings[s["arch"]] = agent.encode(s["arch"])
+            agent.replay.append((enc, s["reward"]))
+        q.dirty = {sid for sid in range(self._persisted_states, len(q))}
+        r = self.conn.execute("SELECT rng FROM agent WHERE id = 0").fetchone()
+        if r is not None:
+            agent.set_rng_state(json.loads(r["rng"]))
+
+    def _write_agent(self, agent: Agent) -> None:
+        q = agent.q
+        conn = self.conn
+        n = len(q)
+        if n > self._persisted_states:
+            conn.executemany(
+                "INSERT INTO qstates(id, state, actions) VALUES (?, ?, ?)",
+                [
+                    (sid, q.states[sid].key(), json.dumps([str(a) for a in q.actions[sid]]))
+                    for sid in range(self._persisted_states, n)
+                ],
+            )
+        conn.executemany(
+            "INSERT INTO qvalues(id, q) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET q = excluded.q",
+            [(sid, array("d", q.values[sid]).tobytes()) for sid in sorted(q.dirty)],
+        )
+        conn.execute(
+            "INSERT INTO agent(id, rng) VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET rng = excluded.rng",
+            (json.dumps(agent.rng_state()),),
+        )
+
+    # -- writing ----------------------------------------------------------------------
+    def begin_model(self, agent: Agent, proposal: Proposal) -> int:
+        """Mark a model as in flight, with the RNG state after sampling it (for crash resume)."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO models(arch, status, epsilon, rng_after, attempts, started) "
+                "VALUES (?, 'running', ?, ?, 1, ?) ON CONFLICT(arch) DO UPDATE SET "
+                "status = 'running', attempts = attempts + 1, started = excluded.started",
+                (proposal.arch, proposal.epsilon, json.dumps(agent.rng_state()), time.time()),
+            )
+        row = self.conn.execute("SELECT id FROM models WHERE arch = ?", (proposal.arch,)).fetchone()
+        return int(row["id"])
+
+    def record_result(
+        self,
+        agent: Agent,
+        proposal: Proposal,
+        status: str,
+        reward: Optional[float],
+        metrics: Optional[Dict[str, Any]] = None,
+        message: Optional[str] = None,
+    ) -> None:
+        """Commit one sampled architecture and everything the agent learnt from it, atomically.
+
+        ``status``: 'done' / 'failed' (rewarded, in the replay memory), 'duplicate'
+        (already trained: sample row only) or 'oom' (skipped, no reward).
+        """
+        now = time.time()
+        rewarded = status != "oom"
+        with self.conn:
+            conn = self.conn
+            if status in TRAINED or status == "oom":
+                conn.execute(
+                    "INSERT INTO models(arch, status, epsilon, reward, metrics, message, attempts, finished) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(arch) DO UPDATE SET status = excluded.status, "
+                    "reward = excluded.reward, metrics = excluded.metrics, message = excluded.message, "
+                    "finished = excluded.finished",
+                    (
+                        proposal.arch,
+                        status,
+                        proposal.epsilon,
+                        reward if rewarded else None,
+                        json.dumps(metrics or {}, sort_keys=True),
+                        message,
+                        now,
+                    ),
+                )
+            conn.execute(
+                "INSERT INTO samples(iteration, arch, epsilon, reward, duplicate, time) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    agent.iteration,
+                    proposal.arch,
+                    proposal.epsilon,
+                    reward if rewarded else None,
+                    int(status == "duplicate"),
+                    now,
+                ),
+            )
+            self._write_agent(agent)
+        # Only once the transaction is durable do these rows count as written.
+        self._persisted_states = len(agent.q)
+        agent.q.dirty = set()
+
+
+def _config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _config_diff(a, b, prefix + key + ".")
+            if inner:
+                diffs.append(inner)
+        elif a != b:
+            diffs.append(f"{prefix}{key}: stored {a!r}, given {b!r}")
+    return "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
