@@ -77,7 +77,9 @@ def apply_overrides(config: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
         section, key, value = parse_override(text)
         table = out.setdefault(section, {})
         if section != "schedule" and key not in table:
-            raise ConfigError(f"override {text!r}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(table))}")
+            raise ConfigError(
+                f"override {text!r}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(table))}"
+            )
         table[key] = value
     return out
 

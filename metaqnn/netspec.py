@@ -113,12 +113,30 @@ def build_net(
 
     spec = NetSpec()
     add = spec.layers.append
-    add(CaffeLayer("data", "data", "Data", (), ("data", "label"), phase="TRAIN",
-                   transform=_transform_fields(transform, True),
-                   params=(("source", train_source), ("batch_size", train_batch), ("backend", "LMDB"))))
-    add(CaffeLayer("data", "data", "Data", (), ("data", "label"), phase="TEST",
-                   transform=_transform_fields(transform, False),
-                   params=(("source", test_source), ("batch_size", test_batch), ("backend", "LMDB"))))
+    add(
+        CaffeLayer(
+            "data",
+            "data",
+            "Data",
+            (),
+            ("data", "label"),
+            phase="TRAIN",
+            transform=_transform_fields(transform, True),
+            params=(("source", train_source), ("batch_size", train_batch), ("backend", "LMDB")),
+        )
+    )
+    add(
+        CaffeLayer(
+            "data",
+            "data",
+            "Data",
+            (),
+            ("data", "label"),
+            phase="TEST",
+            transform=_transform_fields(transform, False),
+            params=(("source", test_source), ("batch_size", test_batch), ("backend", "LMDB")),
+        )
+    )
     counts: Dict[str, int] = {}
 
     def name(kind: str) -> str:
@@ -136,20 +154,45 @@ def build_net(
         if isinstance(layer, Conv):
             top = name("Convolution")
             pad = layer.size // 2
-            add(CaffeLayer("conv", top, "Convolution", (blob,), (top,), filler=True, params=(
-                ("num_output", layer.filters), ("pad", pad), ("kernel_size", layer.size), ("stride", layer.stride))))
+            add(
+                CaffeLayer(
+                    "conv",
+                    top,
+                    "Convolution",
+                    (blob,),
+                    (top,),
+                    filler=True,
+                    params=(
+                        ("num_output", layer.filters),
+                        ("pad", pad),
+                        ("kernel_size", layer.size),
+                        ("stride", layer.stride),
+                    ),
+                )
+            )
             params += layer.filters * (depth * layer.size * layer.size + 1)
             size, depth = conv_output(size, layer.size, layer.stride), layer.filters
             relu_on(top)
         elif isinstance(layer, Pool):
             top = name("Pooling")
-            add(CaffeLayer("pool", top, "Pooling", (blob,), (top,), params=(
-                ("pool", "MAX"), ("kernel_size", layer.size), ("stride", layer.stride))))
+            add(
+                CaffeLayer(
+                    "pool",
+                    top,
+                    "Pooling",
+                    (blob,),
+                    (top,),
+                    params=(("pool", "MAX"), ("kernel_size", layer.size), ("stride", layer.stride)),
+                )
+            )
             size = pool_output(size, layer.size, layer.stride)
         else:
             top = name("InnerProduct")
-            add(CaffeLayer("ip", top, "InnerProduct", (blob,), (top,), filler=True,
-                           params=(("num_output", layer.units),)))
+            add(
+                CaffeLayer(
+                    "ip", top, "InnerProduct", (blob,), (top,), filler=True, params=(("num_output", layer.units),)
+                )
+            )
             fan_in = depth if flat else depth * size * size
             params += layer.units * (fan_in + 1)
             size, depth, flat = 1, layer.units, True
@@ -161,8 +204,17 @@ def build_net(
             blob = top
     if gap:
         top = name("Convolution")
-        add(CaffeLayer("conv", top, "Convolution", (blob,), (top,), filler=True, params=(
-            ("num_output", num_classes), ("kernel_size", 1))))
+        add(
+            CaffeLayer(
+                "conv",
+                top,
+                "Convolution",
+                (blob,),
+                (top,),
+                filler=True,
+                params=(("num_output", num_classes), ("kernel_size", 1)),
+            )
+        )
         params += num_classes * (depth + 1)
         depth = num_classes
         relu_on(top)
@@ -182,6 +234,9 @@ def build_net(
 
 def param_block(kind: str) -> Optional[str]:
     return {
-        "data": "data_param", "conv": "convolution_param", "pool": "pooling_param", "ip": "inner_product_param",
+        "data": "data_param",
+        "conv": "convolution_param",
+        "pool": "pooling_param",
+        "ip": "inner_product_param",
         "dropout": "dropout_param",
     }.get(kind)

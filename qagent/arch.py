@@ -60,7 +60,7 @@ Layer = Union[Conv, Pool, FC, GAP, Softmax]
 Architecture = Tuple[Layer, ...]
 
 _ARITY = {"C": 3, "P": 2, "FC": 1, "GAP": 0, "SM": 1}
-_TOKEN = re.compile(r"\s*([A-Za-z]+)\s*(?:\(([^()]*)\))?\s*(,|$)")
+_TOKEN = re.compile(r"\s*([A-Za-z]+)\s*(?:\(([^()]*)\))?\s*(,|$)?")
 
 
 def _build(name: str, args: List[int]) -> Layer:
@@ -109,7 +109,7 @@ def parse_architecture(text: str) -> Architecture:
         if any(a <= 0 for a in args):
             raise ArchitectureSyntaxError(f"parameters must be positive in token {token!r} at column {column}")
         layers.append(_build(name, args))
-        if m.group(3) == "" and m.end() < len(body):
+        if m.group(3) is None or (m.group(3) == "" and m.end() < len(body)):
             raise ArchitectureSyntaxError(f"expected ',' after token {token!r} at column {column}")
         if m.group(3) == "," and not body[m.end() :].strip():
             raise ArchitectureSyntaxError(f"trailing ',' after token {token!r} at column {column}")

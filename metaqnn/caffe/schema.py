@@ -34,9 +34,13 @@ def descriptor_from_pb2_source(path: Path) -> bytes:
     """The ``serialized_pb=`` / ``AddSerializedFile(...)`` bytes literal of a generated caffe_pb2.py."""
     tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
     for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "serialized_pb" and isinstance(node.value, ast.Constant):
-            if isinstance(node.value.value, bytes):
-                return node.value.value
+        if (
+            isinstance(node, ast.keyword)
+            and node.arg == "serialized_pb"
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, bytes)
+        ):
+            return node.value.value
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile" and node.args:
             arg = node.args[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, bytes):
@@ -103,7 +107,9 @@ def descriptor_from_proto(path: Path) -> bytes:
         out = Path(tmp) / "caffe.desc"
         subprocess.run(
             [protoc, f"-I{path.parent}", f"--descriptor_set_out={out}", path.name],
-            check=True, capture_output=True, timeout=120,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     return fds.file[0].SerializeToString()  # type: ignore[no-any-return]

@@ -1,0 +1,89 @@
+# MetaQNN: every target wraps `python -m metaqnn ...` in the project's virtualenv.
+#   make demo                 the embedded digits search on the CPU (README's main job)
+#   make test                 lint, type check, Python 3.8 check, tests (installs everything)
+#   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET ?= digits
+EXP ?=
+TOP ?= 10
+GPU ?=
+SOURCE ?=
+SET ?=
+PUBLISHED ?= ../shared/reference/published-caffe
+
+exp_arg = $(if $(EXP),--exp $(EXP),)
+gpu_arg = $(if $(GPU),--gpu $(GPU),)
+src_arg = $(if $(SOURCE),--source $(SOURCE),)
+set_args = $(foreach s,$(SET),--set $(s))
+
+.PHONY: setup venv caffe demo search status data report export finetune compare regenerate-check arch \
+        test lint typecheck py38 bench clean
+
+setup: venv caffe
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# A CPU Caffe in a private prefix (.deps/caffe) when none is found; never touches system packages.
+caffe:
+	@if [ -n "$$CAFFE_BIN$$CAFFE_ROOT" ] || command -v caffe >/dev/null 2>&1; then \
+	  echo "setup-caffe: using the caffe you have ($${CAFFE_BIN:-$${CAFFE_ROOT:-$$(command -v caffe)}})"; \
+	else scripts/setup-caffe.sh; fi
+
+demo: setup
+	$(PY) -m metaqnn search --dataset digits $(exp_arg) $(set_args)
+	$(PY) -m metaqnn report $(exp_arg)
+
+search: setup
+	$(PY) -m metaqnn search --dataset $(DATASET) $(exp_arg) $(gpu_arg) $(src_arg) $(set_args)
+
+status: venv
+	$(PY) -m metaqnn status $(if $(EXP),--exp $(EXP),--exp $(DATASET))
+
+data: setup
+	$(PY) -m metaqnn prepare --dataset $(DATASET) $(src_arg) $(set_args)
+
+report: venv
+	$(PY) -m metaqnn report $(if $(EXP),--exp $(EXP),--exp $(DATASET))
+
+export: venv
+	$(PY) -m metaqnn export $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(TOP)
+
+compare: venv
+	$(PY) -m metaqnn compare $(A) $(B) $(if $(IGNORE_PATHS),--ignore-paths,)
+
+regenerate-check: venv
+	$(PY) -m metaqnn regenerate-check $(FILE) --dataset $(DATASET) $(foreach s,$(PROTOCOL_SET),--protocol-set $(s))
+
+arch: venv
+	$(PY) -m metaqnn arch $(FILE)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# The users' conda Caffe is built for Python <= 3.8, which cannot be installed here:
+# vermin checks that no syntax or library use needs a newer Python.
+py38: venv
+	$(VENV)/bin/vermin --no-tips --violations --eval-annotations -t=3.8- qagent metaqnn data_prep bench tests
+
+test: setup lint typecheck py38
+	METAQNN_PUBLISHED=$(PUBLISHED) $(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench_agent.py
+	$(PY) bench/bench_trainer_overhead.py
+	$(PY) bench/bench_lmdb.py
+
+clean:
+	rm -rf $(VENV) .deps .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,141 @@
+"""Dataset release -> the LMDBs a search and a finetuning need, plus manifest.json.
+
+Sets written (Section 5):
+  train       the exploration training set: full training set minus validation, in a
+              seeded shuffled order (Caffe's Data layer does not shuffle);
+  val         the stratified validation split (5,000 images for the paper's datasets);
+  train_full  the full training set in release order (SVHN: train + extra) for finetuning;
+  test        the test set in release order.
+The manifest records sizes, class counts, shapes and the options; the solver
+generation reads it.  Re-running with the same options is a no-op; different
+options are refused with a message instead of mixing two preparations.
+"""
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from data_prep import preprocess
+from data_prep.lmdb_writer import write_lmdb
+from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
+from data_prep.split import stratified_split
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    dataset: str
+    validation_size: int = 5000
+    preprocess: str = "none"
+    pad: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preprocess not in preprocess.PREPROCESS:
+            raise DataError(f"unknown preprocessing {self.preprocess!r}; known: {', '.join(preprocess.PREPROCESS)}")
+        if self.validation_size <= 0:
+            raise DataError(f"validation size must be positive, got {self.validation_size}")
+        if self.pad < 0:
+            raise DataError(f"pad must be >= 0, got {self.pad}")
+
+
+def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: corrupt manifest ({exc})") from None
+
+
+def _class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
+    return [int(c) for c in np.bincount(labels, minlength=num_classes)]
+
+
+def prepare(
+    options: PrepOptions,
+    out_dir: Path,
+    source: Optional[Path] = None,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
+    out_dir = Path(out_dir)
+    existing = read_manifest(out_dir)
+    if existing is not None:
+        if existing.get("options") == asdict(options):
+            log(f"data: {out_dir} already prepared with these options")
+            return existing
+        raise DataError(
+            f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
+            "use another --data-dir or delete it"
+        )
+    t0 = time.time()
+    data = read_dataset(options.dataset, source, options.seed)
+    manifest = build(data, options, out_dir, log)
+    log(f"data: wrote {out_dir} in {time.time() - t0:.1f} s")
+    return manifest
+
+
+def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+    full = data.sets["train"]
+    if "extra" in data.sets:
+        extra = data.sets["extra"]
+        full_for_finetune = Split(
+            np.concatenate([full.images, extra.images]), np.concatenate([full.labels, extra.labels])
+        )
+    else:
+        full_for_finetune = full
+    if options.validation_size >= len(full.labels):
+        raise DataError(f"validation size {options.validation_size} >= training set size {len(full.labels)}")
+    rest, val = stratified_split(full.labels, options.validation_size, options.seed)
+    order = np.random.Generator(np.random.PCG64(options.seed + 1)).permutation(rest)
+    explore = Split(full.images[order], full.labels[order])
+    valid = Split(full.images[val], full.labels[val])
+
+    transform = preprocess.fit(options.preprocess, explore.images)
+    transform_full = (
+        preprocess.fit(options.preprocess, full_for_finetune.images)
+        if options.preprocess in ("mean", "zca")
+        else transform
+    )
+    sets = {
+        "train": (explore, transform),
+        "val": (valid, transform),
+        "train_full": (full_for_finetune, transform_full),
+        "test": (data.sets["test"], transform_full),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: Dict[str, Any] = {
+        "version": MANIFEST_VERSION,
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "options": asdict(options),
+        "preprocess": preprocess.describe()[options.preprocess],
+        "sets": {},
+    }
+    for name, (split, fn) in sets.items():
+        target = out_dir / f"{name}.lmdb"
+        if target.exists():
+            shutil.rmtree(target)  # a previous run died before writing the manifest
+        images = preprocess.pad(fn(split.images), options.pad)
+        log(f"data: writing {target.name}: {len(split.labels)} images {images.shape[1:]} {images.dtype}")
+        write_lmdb(target, images, split.labels)
+        c, h, w = shape_of(Split(images, split.labels))
+        manifest["sets"][name] = {
+            "path": target.name,
+            "count": len(split.labels),
+            "shape": [c, h, w],
+            "dtype": str(images.dtype),
+            "class_counts": _class_counts(split.labels, data.num_classes),
+        }
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.rename(out_dir / MANIFEST)  # the manifest appears last: its presence means "complete"
+    return manifest

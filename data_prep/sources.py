@@ -1,0 +1,210 @@
+"""Readers for the datasets' original release formats, each returning uint8 N-C-H-W arrays.
+
+Every reader checks what it reads and raises :class:`DataError` with the file
+name and what is wrong (truncated, bad magic number, labels out of range), so a
+corrupt download never turns into a silently wrong LMDB.
+"""
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from qagent.errors import MetaQNNError
+
+
+class DataError(MetaQNNError):
+    pass
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8, N x C x H x W
+    labels: np.ndarray  # int64, N
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+
+@dataclass
+class Dataset:
+    """The sets a release provides: 'train' (full training set), 'test', and 'extra' for SVHN."""
+
+    name: str
+    num_classes: int
+    sets: Dict[str, Split]
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{source}: labels out of range 0..{num_classes - 1} (found {labels.min()}..{labels.max()})")
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def _find(folder: Path, names: List[str]) -> Path:
+    for name in names:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.exists():
+                return candidate
+    raise DataError(f"{folder}: missing {names[0]} (or {names[0]}.gz)")
+
+
+# --- MNIST: IDX files ----------------------------------------------------------------
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    data = _open_maybe_gz(path)
+    if len(data) < 16:
+        raise DataError(f"{path}: truncated IDX header")
+    magic, n, rows, cols = struct.unpack(">IIII", data[:16])
+    if magic != 2051:
+        raise DataError(f"{path}: bad IDX image magic number {magic} (expected 2051)")
+    need = 16 + n * rows * cols
+    if len(data) < need:
+        raise DataError(
+            f"{path}: truncated: header says {n} images of {rows}x{cols}, file has {len(data)} of {need} bytes"
+        )
+    return np.frombuffer(data, np.uint8, n * rows * cols, 16).reshape(n, 1, rows, cols)
+
+
+def read_idx_labels(path: Path) -> np.ndarray:
+    data = _open_maybe_gz(path)
+    if len(data) < 8:
+        raise DataError(f"{path}: truncated IDX header")
+    magic, n = struct.unpack(">II", data[:8])
+    if magic != 2049:
+        raise DataError(f"{path}: bad IDX label magic number {magic} (expected 2049)")
+    if len(data) < 8 + n:
+        raise DataError(f"{path}: truncated: header says {n} labels, file has {len(data) - 8}")
+    return np.frombuffer(data, np.uint8, n, 8).astype(np.int64)
+
+
+def read_mnist(folder: Path) -> Dataset:
+    sets = {}
+    for name, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx_images(_find(folder, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]))
+        lpath = _find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
+        labels = read_idx_labels(lpath)
+        if len(images) != len(labels):
+            raise DataError(f"{lpath}: {len(labels)} labels for {len(images)} images")
+        _check_labels(labels, 10, str(lpath))
+        sets[name] = Split(images, labels)
+    return Dataset("mnist", 10, sets)
+
+
+# --- CIFAR-10: binary release (data_batch_1..5.bin, test_batch.bin) ---------------------
+
+CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def read_cifar_bin(path: Path) -> Split:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if not raw or len(raw) % CIFAR_RECORD:
+        raise DataError(
+            f"{path}: size {len(raw)} is not a multiple of the {CIFAR_RECORD}-byte CIFAR record (truncated?)"
+        )
+    rec = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = rec[:, 0].astype(np.int64)
+    _check_labels(labels, 10, str(path))
+    return Split(rec[:, 1:].reshape(-1, 3, 32, 32), labels)
+
+
+def read_cifar10(folder: Path) -> Dataset:
+    base = folder / "cifar-10-batches-bin" if (folder / "cifar-10-batches-bin").is_dir() else folder
+    parts = []
+    for i in range(1, 6):
+        p = base / f"data_batch_{i}.bin"
+        if not p.exists():
+            raise DataError(f"{base}: missing data_batch_{i}.bin")
+        parts.append(read_cifar_bin(p))
+    if not (base / "test_batch.bin").exists():
+        raise DataError(f"{base}: missing test_batch.bin")
+    train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+    return Dataset("cifar10", 10, {"train": train, "test": read_cifar_bin(base / "test_batch.bin")})
+
+
+# --- SVHN: cropped digits (train_32x32.mat, test_32x32.mat, extra_32x32.mat) --------------
+
+
+def read_svhn_mat(path: Path) -> Split:
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+        x, y = mat["X"], mat["y"]
+    except Exception as exc:  # scipy raises many types for a corrupt file
+        raise DataError(f"{path}: not a readable SVHN .mat file ({type(exc).__name__}: {exc})") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: X has shape {x.shape}, expected 32x32x3xN")
+    labels = y.reshape(-1).astype(np.int64)
+    labels[labels == 10] = 0  # SVHN writes digit 0 as label 10
+    _check_labels(labels, 10, str(path))
+    images = np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8)
+    return Split(images, labels)
+
+
+def read_svhn(folder: Path, with_extra: bool = True) -> Dataset:
+    sets = {}
+    for name in ("train", "test") + (("extra",) if with_extra else ()):
+        p = folder / f"{name}_32x32.mat"
+        if not p.exists():
+            raise DataError(f"{folder}: missing {name}_32x32.mat")
+        sets[name] = read_svhn_mat(p)
+    return Dataset("svhn", 10, sets)
+
+
+# --- scikit-learn's bundled digits: the offline default -----------------------------------
+
+
+def read_digits(test_fraction: float = 1 / 6, seed: int = 0) -> Dataset:
+    """8x8 digits, pixel values 0..16 rescaled to 0..255; a stratified test set is held out."""
+    from sklearn.datasets import load_digits
+
+    from data_prep.split import stratified_split
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    labels = d.target.astype(np.int64)
+    train_idx, test_idx = stratified_split(labels, round(len(labels) * test_fraction), seed)
+    return Dataset(
+        "digits",
+        10,
+        {
+            "train": Split(images[np.sort(train_idx)], labels[np.sort(train_idx)]),
+            "test": Split(images[np.sort(test_idx)], labels[np.sort(test_idx)]),
+        },
+    )
+
+
+def read_dataset(name: str, source: Optional[Path], seed: int = 0) -> Dataset:
+    if name == "digits":
+        return read_digits(seed=seed)
+    if source is None:
+        raise DataError(
+            f"dataset {name} needs its release files: give --source FOLDER (or run `metaqnn download {name}`)"
+        )
+    if not source.is_dir():
+        raise DataError(f"source folder {source} does not exist")
+    readers = {"mnist": read_mnist, "cifar10": read_cifar10, "svhn": read_svhn}
+    if name not in readers:
+        raise DataError(f"unknown dataset {name!r}; known: digits, mnist, cifar10, svhn")
+    return readers[name](source)
+
+
+def shape_of(split: Split) -> Tuple[int, int, int]:
+    _, c, h, w = split.images.shape
+    return int(c), int(h), int(w)

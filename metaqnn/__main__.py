@@ -1,0 +1,5 @@
+import sys
+
+from metaqnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import synthetic
+
+from metaqnn.config import agent_config_of, schedule_of, space_of
+from qagent.agent import Agent
+from qagent.errors import StoreError, StoreLockedError
+from qagent.store import ExperimentStore
+
+HERE = Path(__file__).resolve().parent
+
+
+def _snapshot(path):
+    with ExperimentStore.open_readonly(path) as store:
+        q = [(r["state"], bytes(r["q"])) for r in store.q_rows()]
+        samples = [(r["arch"], r["epsilon"], r["reward"], r["duplicate"]) for r in store.samples()]
+        models = [(m.arch, m.status, m.reward, m.epsilon) for m in store.models()]
+    return sorted(q), samples, sorted(models)
+
+
+def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "ref" / "store.sqlite"
+    synthetic.run(reference)
+    killed = tmp_path / "killed" / "store.sqlite"
+    rng = random.Random(11)
+    kills = 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    for _ in range(40):
+        proc = subprocess.Popen([sys.executable, str(HERE / "synthetic.py"), str(killed), "0.03"], env=env)
+        time.sleep(rng.uniform(0.3, 1.2))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            assert proc.returncode == 0
+            break
+    else:
+        pytest.fail("the synthetic search never finished")
+    synthetic.run(killed)  # idempotent once complete
+    assert kills >= 2
+    ref_q, ref_samples, ref_models = _snapshot(reference)
+    got_q, got_samples, got_models = _snapshot(killed)
+    assert got_models == ref_models  # nothing lost, nothing trained twice
+    assert got_samples == ref_samples
+    assert got_q == ref_q  # the final Q-table is bit-identical
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with ExperimentStore.open(path, synthetic.config()):
+        with pytest.raises(StoreLockedError, match="already open for writing by pid"):
+            ExperimentStore.open(path, synthetic.config())
+        with ExperimentStore.open_readonly(path) as reader:  # readers need no lock
+            assert reader.config() == synthetic.config()
+    ExperimentStore.open(path, synthetic.config()).close()  # released on close
+
+
+def test_changed_config_is_refused_on_resume(tmp_path):
+    path = tmp_path / "store.sqlite"
+    ExperimentStore.open(path, synthetic.config()).close()
+    cfg = synthetic.config()
+    cfg["agent"]["seed"] = 99
+    with pytest.raises(StoreError, match=r"agent.seed: stored 0, given 99"):
+        ExperimentStore.open(path, cfg)
+
+
+def test_in_flight_model_is_not_sampled_again_and_failures_are_recorded(tmp_path):
+    cfg = synthetic.config()
+    path = tmp_path / "store.sqlite"
+    with ExperimentStore.open(path, cfg) as store:
+        agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+        p = agent.propose()
+        store.begin_model(agent, p)
+        assert [m.arch for m in store.running()] == [p.arch]
+        agent.observe(p.arch, p.encoded, agent.failure_reward, p.epsilon)
+        store.record_result(agent, p, "failed", agent.failure_reward, {"failure": "diverged"}, "diverged")
+        q = agent.propose()
+        agent.skip(q.arch)
+        store.record_result(agent, q, "oom", None, {}, "out of memory")
+    with ExperimentStore.open(path, cfg) as store:
+        fresh = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+        store.load_agent(fresh)
+        assert store.running() == []
+        assert fresh.rewards == {p.arch: 0.1} and fresh.skipped == {q.arch}
+        assert store.model(p.arch).message == "diverged" and store.model(q.arch).reward is None
+        assert fresh.rng.getstate() == agent.rng.getstate()
