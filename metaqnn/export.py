@@ -1,0 +1,131 @@
+"""The Caffe files of a model the way the authors published theirs, and export of an experiment's top models.
+
+For each model: ``net.prototxt`` (search net: exploration train set / validation
+set), ``finetune_net.prototxt`` (full training set / test set),
+``solver_search.prototxt`` (Section 5 protocol, at the learning rate that
+passed the restarts), ``solver_finetune.prototxt`` (the preset's finetuning
+protocol), ``arch.txt`` and ``metadata.json``; plus ``summary.md`` /
+``summary.csv`` over all exported models.
+"""
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from data_prep.prepare import read_manifest
+from metaqnn.netspec import build_net
+from metaqnn.render import render_net, render_solver
+from metaqnn.search import STORE_NAME, default_data_dir, transform_of
+from metaqnn.solverspec import load_protocol, solver_fields
+from qagent.arch import Layer, parse_architecture
+from qagent.errors import ConfigError
+from qagent.store import ExperimentStore
+
+
+def dataset_sizes(config: Dict[str, Any], data_dir: Optional[Path] = None) -> Dict[str, int]:
+    """Set sizes from the prepared manifest, else from the preset's release sizes (paper numbers)."""
+    manifest = read_manifest(data_dir or default_data_dir(config))
+    if manifest is not None:
+        return {name: int(s["count"]) for name, s in manifest["sets"].items()}
+    rel = config["dataset"].get("release_sizes")
+    if not rel:
+        raise ConfigError(f"no prepared data for {config['dataset']['name']} and no release_sizes in the preset")
+    val = int(config["dataset"].get("validation_size", 5000))
+    return {
+        "train": int(rel["train"]) - val,
+        "val": val,
+        "train_full": int(rel["train"]) + int(rel.get("extra", 0)),
+        "test": int(rel["test"]),
+    }
+
+
+def _paths(config: Dict[str, Any], finetune: bool, data_dir: Optional[Path]) -> Dict[str, str]:
+    d = data_dir or default_data_dir(config)
+    train, test = ("train_full", "test") if finetune else ("train", "val")
+    return {"train": str(d / f"{train}.lmdb"), "test": str(d / f"{test}.lmdb")}
+
+
+def net_spec(config: Dict[str, Any], layers: Sequence[Layer], finetune: bool, data_dir: Optional[Path] = None) -> Any:
+    paths = _paths(config, finetune, data_dir)
+    space = config["space"]
+    return build_net(
+        layers, image_size=int(space["image_size"]), channels=int(config["dataset"].get("channels", 3)),
+        num_classes=int(space["num_classes"]), train_source=paths["train"], test_source=paths["test"],
+        transform=transform_of(config), dropout=config.get("render", {}).get("dropout", "paper"),
+    )
+
+
+def net_text(config: Dict[str, Any], layers: Sequence[Layer], finetune: bool, data_dir: Optional[Path] = None) -> str:
+    return render_net(net_spec(config, layers, finetune, data_dir))
+
+
+def _overridden(name: str, overrides: Optional[Dict[str, Any]]) -> Any:
+    proto = load_protocol(name)
+    return proto.with_overrides(**overrides) if overrides else proto
+
+
+def finetune_solver_text(
+    config: Dict[str, Any], net: str = "finetune_net.prototxt", protocol_overrides: Optional[Dict[str, Any]] = None,
+    data_dir: Optional[Path] = None,
+) -> str:
+    proto = _overridden(config["protocol"]["finetune"], protocol_overrides)
+    sizes = dataset_sizes(config, data_dir)
+    return render_solver(solver_fields(proto, net=net, train_size=sizes[proto.train_set],
+                                       test_size=sizes[proto.test_set], whole_test_set=False))
+
+
+def search_solver_text(config: Dict[str, Any], net: str = "net.prototxt", lr: Optional[float] = None,
+                       data_dir: Optional[Path] = None) -> str:
+    proto = _overridden(config["protocol"]["search"], {"base_lr": lr} if lr else None)
+    sizes = dataset_sizes(config, data_dir)
+    return render_solver(solver_fields(proto, net=net, train_size=sizes[proto.train_set],
+                                       test_size=sizes[proto.test_set], whole_test_set=True))
+
+
+def render_model(config: Dict[str, Any], arch: str, out: Path, manifest_dir: Optional[Path] = None,
+                 lr: Optional[float] = None, metadata: Optional[Dict[str, Any]] = None) -> List[Path]:
+    layers = parse_architecture(arch)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = net_spec(config, layers, False, manifest_dir)
+    files = {
+        "net.prototxt": render_net(spec),
+        "finetune_net.prototxt": net_text(config, layers, True, manifest_dir),
+        "solver_search.prototxt": search_solver_text(config, "net.prototxt", lr, manifest_dir),
+        "solver_finetune.prototxt": finetune_solver_text(config, "finetune_net.prototxt", None, manifest_dir),
+        "arch.txt": arch + "\n",
+        "metadata.json": json.dumps({"arch": arch, "param_count": spec.param_count, **(metadata or {})},
+                                    indent=1, sort_keys=True) + "\n",
+    }
+    written = []
+    for name, text in files.items():
+        (out / name).write_text(text)
+        written.append(out / name)
+    return written
+
+
+def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+        config = store.config()
+        models = store.top_models(top)
+    if not models:
+        raise ConfigError(f"experiment {exp_dir} has no trained model to export yet")
+    rows = []
+    for rank, m in enumerate(models, 1):
+        folder = out / f"{rank:02d}_model{m.id:05d}"
+        meta = {"rank": rank, "model_id": m.id, "validation_accuracy": m.reward, "epsilon": m.epsilon,
+                "learning_rate": m.metrics.get("learning_rate"), "restarts": m.metrics.get("restarts"),
+                "best_iteration": m.metrics.get("best_iteration"), "dataset": config["dataset"]["name"]}
+        render_model(config, m.arch, folder, lr=m.metrics.get("learning_rate"), metadata=meta)
+        params = json.loads((folder / "metadata.json").read_text())["param_count"]
+        rows.append({"rank": rank, "model": m.id, "val_acc": m.reward, "params": params,
+                     "lr": m.metrics.get("learning_rate"), "folder": folder.name, "arch": m.arch})
+    with open(out / "summary.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = ["| rank | model | val. acc. | params (10^6) | lr | architecture |", "|---:|---:|---:|---:|---:|---|"]
+    md += [f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['params'] / 1e6:.3f} | {r['lr']} | `{r['arch']}` |"
+           for r in rows]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    return [f"exported {len(rows)} models to {out}", *md]
