@@ -26,6 +26,8 @@ from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
 from data_prep.split import stratified_split
 
 MANIFEST = "manifest.json"
+# Record keys as Caffe's converters write them: convert_cifar_data uses 5 digits, convert_mnist_data 8.
+KEY_DIGITS = {"cifar10": 5}
 MANIFEST_VERSION = 1
 
 
@@ -126,7 +128,7 @@ def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str
             shutil.rmtree(target)  # a previous run died before writing the manifest
         images = preprocess.pad(fn(split.images), options.pad)
         log(f"data: writing {target.name}: {len(split.labels)} images {images.shape[1:]} {images.dtype}")
-        write_lmdb(target, images, split.labels)
+        write_lmdb(target, images, split.labels, key_digits=KEY_DIGITS.get(data.name, 8))
         c, h, w = shape_of(Split(images, split.labels))
         manifest["sets"][name] = {
             "path": target.name,
