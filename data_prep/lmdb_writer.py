@@ -11,7 +11,7 @@ finished.  ``read_lmdb`` checks every record, for corrupt-input errors.
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 import lmdb
 import numpy as np
@@ -34,20 +34,16 @@ def write_lmdb(
     per_record = c * h * w * (1 if is_uint8 else 5) + 64
     env = lmdb.open(str(tmp), map_size=max(1 << 26, 2 * n * per_record), subdir=True, meminit=False)
     try:
-        txn = env.begin(write=True)
         fmt = f"%0{key_digits}d"
-        labels = np.asarray(labels, dtype=np.int64)
-        for i in range(n):
-            datum = datum_cls(channels=c, height=h, width=w, label=int(labels[i]))
-            if is_uint8:
-                datum.data = images[i].tobytes()
-            else:
-                datum.float_data.extend(images[i].astype(np.float32).ravel().tolist())
-            txn.put((fmt % i).encode("ascii"), datum.SerializeToString())
-            if (i + 1) % commit_every == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        txn.commit()
+        label_list = np.asarray(labels, dtype=np.int64).tolist()
+        keys = [(fmt % i).encode("ascii") for i in range(n)]
+        encode = _uint8_encoder(datum_cls, c, h, w) if is_uint8 else _float_encoder(datum_cls, c, h, w)
+        flat = images.reshape(n, -1)
+        for start in range(0, n, commit_every):
+            stop = min(n, start + commit_every)
+            batch = [(keys[i], encode(flat[i], label_list[i])) for i in range(start, stop)]
+            with env.begin(write=True) as txn:  # one commit per 1,000 records, like convert_mnist_data
+                txn.cursor().putmulti(batch, append=True)
         env.sync(True)
     except BaseException:
         env.close()
@@ -55,6 +51,46 @@ def write_lmdb(
         raise
     env.close()
     os.rename(tmp, path)
+
+
+def _uint8_encoder(datum_cls: Any, c: int, h: int, w: int) -> Callable[[np.ndarray, int], bytes]:
+    """Datum bytes for uint8 images, ~10x faster than building a message per record.
+
+    The schema serializes a Datum whose data is a unique sentinel; the image bytes
+    are spliced in where the sentinel was, and the label's bytes come from a
+    serialization of that label -- every byte is the installed schema's own
+    encoding, checked once per label against a full serialization.
+    """
+    size = c * h * w
+    sentinel = bytes((37 * i + 11) % 251 for i in range(size))
+    base = datum_cls(channels=c, height=h, width=w, data=sentinel).SerializeToString()
+    at = base.index(sentinel)
+    head = base[:at]
+    tails: Dict[int, bytes] = {}
+
+    def encode(image: np.ndarray, label: int) -> bytes:
+        tail = tails.get(label)
+        if tail is None:
+            full = datum_cls(channels=c, height=h, width=w, data=sentinel, label=label).SerializeToString()
+            tail = full[at + size:]
+            if full != head + sentinel + tail:
+                raise AssertionError("Datum layout is not channels, height, width, data, label")
+            tails[label] = tail
+        return head + image.tobytes() + tail
+
+    return encode
+
+
+def _float_encoder(datum_cls: Any, c: int, h: int, w: int) -> Callable[[np.ndarray, int], bytes]:
+    datum = datum_cls(channels=c, height=h, width=w)
+
+    def encode(image: np.ndarray, label: int) -> bytes:
+        datum.label = label
+        del datum.float_data[:]
+        datum.float_data.extend(image.astype(np.float32).tolist())
+        return datum.SerializeToString()  # type: ignore[no-any-return]
+
+    return encode
 
 
 def iter_lmdb(path: Path) -> Iterator[Tuple[bytes, bytes]]:

@@ -99,19 +99,21 @@ def test_rerun_is_a_noop_and_other_options_are_refused(tmp_path):
 
 
 def test_interrupted_write_leaves_no_finished_lmdb(tmp_path, monkeypatch):
-    datum = load_schema().Datum
+    real = lmdb_writer._uint8_encoder
     calls = []
 
-    def exploding(**kw):
-        calls.append(1)
-        if len(calls) > 1500:  # after the first commit of 1,000 records
-            raise KeyboardInterrupt
-        return datum(**kw)
+    def interrupted(*args):
+        encode = real(*args)
 
-    class Schema:
-        Datum = staticmethod(exploding)
+        def wrapper(image, label):
+            calls.append(1)
+            if len(calls) > 1500:  # after the first commit of 1,000 records
+                raise KeyboardInterrupt
+            return encode(image, label)
 
-    monkeypatch.setattr(lmdb_writer, "load_schema", lambda: Schema)
+        return wrapper
+
+    monkeypatch.setattr(lmdb_writer, "_uint8_encoder", interrupted)
     images = np.zeros((3000, 1, 4, 4), np.uint8)
     with pytest.raises(KeyboardInterrupt):
         write_lmdb(tmp_path / "x.lmdb", images, np.zeros(3000, np.int64))

@@ -30,22 +30,21 @@ class SchemaNotFoundError(MetaQNNError):
 MESSAGES = ("NetParameter", "SolverParameter", "Datum", "LayerParameter", "BlobProto", "SolverState")
 
 
+_PB2_LITERAL = re.compile(rb"""(?:serialized_pb\s*=\s*|AddSerializedFile\(\s*)(b'(?:[^'\\]|\\.)*')""", re.S)
+
+
 def descriptor_from_pb2_source(path: Path) -> bytes:
-    """The ``serialized_pb=`` / ``AddSerializedFile(...)`` bytes literal of a generated caffe_pb2.py."""
-    tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.keyword)
-            and node.arg == "serialized_pb"
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, bytes)
-        ):
-            return node.value.value
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile" and node.args:
-            arg = node.args[0]
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, bytes):
-                return arg.value
-    raise SchemaNotFoundError(f"{path} holds no serialized descriptor")
+    """The ``serialized_pb=`` / ``AddSerializedFile(...)`` bytes literal of a generated caffe_pb2.py.
+
+    Only that literal is evaluated (``ast.literal_eval``): the module is never executed.
+    """
+    m = _PB2_LITERAL.search(path.read_bytes())
+    if m is None:
+        raise SchemaNotFoundError(f"{path} holds no serialized descriptor")
+    value = ast.literal_eval(m.group(1).decode("latin-1"))
+    if not isinstance(value, bytes):
+        raise SchemaNotFoundError(f"{path}: the descriptor literal is not bytes")
+    return value
 
 
 _FILE_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14}

@@ -1,0 +1,73 @@
+"""Agent-side cost of the paper's full schedule (issue 3): 2,700 unique models, 100 replays each,
+a synthetic deterministic reward and no training, the SQLite experiment store included.
+
+Target (2-core machine): under 10 s in total, with a per-model cost that does not grow with the
+replay memory (first vs last 10% of the unique models reported separately).
+
+    .venv/bin/python bench/bench_agent.py [--preset svhn]
+"""
+
+import argparse
+import hashlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from metaqnn.config import agent_config_of, build_config, schedule_of, space_of  # noqa: E402
+from qagent.agent import Agent  # noqa: E402
+from qagent.store import ExperimentStore  # noqa: E402
+
+
+def reward(arch: str) -> float:
+    return 0.1 + 0.85 * int(hashlib.sha256(arch.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="svhn")
+    args = ap.parse_args()
+    cfg = build_config(args.preset)
+    agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    total_models = agent.schedule.total
+    marks = []  # time at each new unique model
+    iter_marks = []  # (time, transitions replayed so far) at each iteration
+    with tempfile.TemporaryDirectory() as tmp, ExperimentStore.open(Path(tmp) / "store.sqlite", cfg) as store:
+        t0 = time.perf_counter()
+        iterations = 0
+        while not agent.done:
+            p = agent.propose()
+            if p.known_reward is not None:
+                agent.observe(p.arch, p.encoded, p.known_reward, p.epsilon)
+                store.record_result(agent, p, "duplicate", p.known_reward)
+            else:
+                store.begin_model(agent, p)
+                r = reward(p.arch)
+                agent.observe(p.arch, p.encoded, r, p.epsilon)
+                store.record_result(agent, p, "done", r, {"best_accuracy": r})
+                marks.append(time.perf_counter())
+            iterations += 1
+            iter_marks.append(time.perf_counter())
+        total = time.perf_counter() - t0
+    tenth = total_models // 10
+    first = marks[tenth - 1] - t0
+    last = marks[-1] - marks[-tenth - 1]
+    print(f"preset {args.preset}: {total_models} unique models, {iterations} iterations (duplicates included), "
+          f"{len(agent.replay)} replay entries, {len(agent.q)} Q-states")
+    print(f"first 10% of models: {first:.2f} s ({1000 * first / tenth:.2f} ms/model)")
+    print(f"last 10% of models:  {last:.2f} s ({1000 * last / tenth:.2f} ms/model)")
+    n = len(iter_marks) // 10
+    a = iter_marks[n - 1] - t0
+    b = iter_marks[-1] - iter_marks[-n - 1]
+    lengths = [len(enc) for enc, _ in agent.replay]
+    early = sum(lengths[:n]) / n  # sampled trajectory lengths in that tenth
+    late = sum(lengths[-n:]) / n
+    print(f"first 10% of iterations: {1000 * a / n:.3f} ms/iteration, trajectories of {early:.1f} layers on average")
+    print(f"last 10% of iterations:  {1000 * b / n:.3f} ms/iteration, trajectories of {late:.1f} layers on average")
+    print(f"total: {total:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

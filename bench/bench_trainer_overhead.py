@@ -1,0 +1,44 @@
+"""Wall time spent outside the caffe process while training one model (issue 5). Target: under 2%.
+
+A real search-protocol training (probe epoch + 19 more epochs) of a digits network with the CPU
+caffe; "outside" = Trainer.train() wall time minus the wall time of the caffe processes
+(rendering, log parsing, CSV writing, snapshot pruning, state files).
+
+    .venv/bin/python bench/bench_trainer_overhead.py
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_prep.prepare import PrepOptions, prepare  # noqa: E402
+from metaqnn.caffe.locate import find_caffe  # noqa: E402
+from metaqnn.netspec import Transform  # noqa: E402
+from metaqnn.solverspec import load_protocol  # noqa: E402
+from metaqnn.trainer import TrainJob, Trainer  # noqa: E402
+from qagent.arch import parse_architecture  # noqa: E402
+
+ARCH = "[C(32,3,1), C(32,3,1), P(2,2), C(32,3,1), FC(64), SM(10)]"
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        m = prepare(PrepOptions("digits", validation_size=300), d / "data", log=lambda _m: None)
+        job = TrainJob(
+            layers=parse_architecture(ARCH), model_dir=d / "model", caffe=find_caffe().binary,
+            train_lmdb=d / "data" / "train.lmdb", val_lmdb=d / "data" / "val.lmdb",
+            train_size=m["sets"]["train"]["count"], val_size=m["sets"]["val"]["count"], image_size=8, channels=1,
+            num_classes=10, protocol=load_protocol("search_digits"), transform=Transform(scale=1 / 256),
+        )
+        r = Trainer(job).train()
+    outside = r.wall_time - r.caffe_time
+    print(f"{ARCH}: status {r.status}, best accuracy {r.best_accuracy}, {len(r.curve)} epochs")
+    print(f"wall {r.wall_time:.2f} s, inside caffe {r.caffe_time:.2f} s, outside {outside:.3f} s")
+    print(f"fraction outside caffe: {100 * outside / r.wall_time:.2f} %")
+
+
+if __name__ == "__main__":
+    main()
