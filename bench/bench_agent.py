@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metaqnn.config import agent_config_of, build_config, schedule_of, space_of  # noqa: E402
-from qagent.agent import Agent  # noqa: E402
-from qagent.store import ExperimentStore  # noqa: E402
+from metaqnn.config import agent_config_of, build_config, schedule_of, space_of
+from qagent.agent import Agent
+from qagent.store import ExperimentStore
 
 
 def reward(arch: str) -> float:
@@ -54,8 +54,10 @@ def main() -> None:
     tenth = total_models // 10
     first = marks[tenth - 1] - t0
     last = marks[-1] - marks[-tenth - 1]
-    print(f"preset {args.preset}: {total_models} unique models, {iterations} iterations (duplicates included), "
-          f"{len(agent.replay)} replay entries, {len(agent.q)} Q-states")
+    print(
+        f"preset {args.preset}: {total_models} unique models, {iterations} iterations (duplicates included), "
+        f"{len(agent.replay)} replay entries, {len(agent.q)} Q-states"
+    )
     print(f"first 10% of models: {first:.2f} s ({1000 * first / tenth:.2f} ms/model)")
     print(f"last 10% of models:  {last:.2f} s ({1000 * last / tenth:.2f} ms/model)")
     n = len(iter_marks) // 10

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_prep.prepare import PrepOptions, prepare  # noqa: E402
-from metaqnn.caffe.locate import find_caffe  # noqa: E402
-from metaqnn.netspec import Transform  # noqa: E402
-from metaqnn.solverspec import load_protocol  # noqa: E402
-from metaqnn.trainer import TrainJob, Trainer  # noqa: E402
-from qagent.arch import parse_architecture  # noqa: E402
+from data_prep.prepare import PrepOptions, prepare
+from metaqnn.caffe.locate import find_caffe
+from metaqnn.netspec import Transform
+from metaqnn.solverspec import load_protocol
+from metaqnn.trainer import Trainer, TrainJob
+from qagent.arch import parse_architecture
 
 ARCH = "[C(32,3,1), C(32,3,1), P(2,2), C(32,3,1), FC(64), SM(10)]"
 
@@ -28,10 +28,18 @@ def main() -> None:
         d = Path(tmp)
         m = prepare(PrepOptions("digits", validation_size=300), d / "data", log=lambda _m: None)
         job = TrainJob(
-            layers=parse_architecture(ARCH), model_dir=d / "model", caffe=find_caffe().binary,
-            train_lmdb=d / "data" / "train.lmdb", val_lmdb=d / "data" / "val.lmdb",
-            train_size=m["sets"]["train"]["count"], val_size=m["sets"]["val"]["count"], image_size=8, channels=1,
-            num_classes=10, protocol=load_protocol("search_digits"), transform=Transform(scale=1 / 256),
+            layers=parse_architecture(ARCH),
+            model_dir=d / "model",
+            caffe=find_caffe().binary,
+            train_lmdb=d / "data" / "train.lmdb",
+            val_lmdb=d / "data" / "val.lmdb",
+            train_size=m["sets"]["train"]["count"],
+            val_size=m["sets"]["val"]["count"],
+            image_size=8,
+            channels=1,
+            num_classes=10,
+            protocol=load_protocol("search_digits"),
+            transform=Transform(scale=1 / 256),
         )
         r = Trainer(job).train()
     outside = r.wall_time - r.caffe_time

@@ -72,7 +72,7 @@ def _uint8_encoder(datum_cls: Any, c: int, h: int, w: int) -> Callable[[np.ndarr
         tail = tails.get(label)
         if tail is None:
             full = datum_cls(channels=c, height=h, width=w, data=sentinel, label=label).SerializeToString()
-            tail = full[at + size:]
+            tail = full[at + size :]
             if full != head + sentinel + tail:
                 raise AssertionError("Datum layout is not channels, height, width, data, label")
             tails[label] = tail
@@ -88,7 +88,7 @@ def _float_encoder(datum_cls: Any, c: int, h: int, w: int) -> Callable[[np.ndarr
         datum.label = label
         del datum.float_data[:]
         datum.float_data.extend(image.astype(np.float32).tolist())
-        return datum.SerializeToString()  # type: ignore[no-any-return]
+        return datum.SerializeToString()
 
     return encode
 
@@ -123,3 +123,25 @@ def check_lmdb(path: Path, expected_count: int, num_classes: int) -> None:
         count += 1
     if count != expected_count:
         raise DataError(f"{path}: {count} records, manifest says {expected_count}")
+
+
+def quick_check_lmdb(path: Path, expected_count: int) -> None:
+    """Cheap integrity check before a search: record count and the first record's Datum."""
+    if not (Path(path) / "data.mdb").exists():
+        raise DataError(f"{path}: missing (no data.mdb); prepare the data again")
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+        try:
+            entries = env.stat()["entries"]
+            with env.begin() as txn:
+                first = next(iter(txn.cursor()), None)
+        finally:
+            env.close()
+    except lmdb.Error as exc:
+        raise DataError(f"{path}: corrupt LMDB ({exc})") from None
+    if entries != expected_count:
+        raise DataError(f"{path}: {entries} records, the manifest says {expected_count}")
+    try:
+        load_schema().Datum.FromString(first[1] if first else b"\xff")
+    except Exception:
+        raise DataError(f"{path}: first record is not a valid Datum") from None

@@ -15,8 +15,14 @@ from qagent.errors import MetaQNNError
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="preset name (digits, mnist, svhn, cifar10) or a .toml file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a preset value (TOML syntax), e.g. --set space.max_depth=8")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a preset value (TOML syntax), e.g. --set space.max_depth=8",
+    )
     p.add_argument("--seed", type=int, default=None, help="the one seed of the agent (default: the preset's)")
 
 
@@ -40,8 +46,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = _build_config(args)
     name = str(config["dataset"]["name"])  # type: ignore[index]
     opts = SearchOptions(
-        exp_dir=_exp_dir(args, name), data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(config),
-        source=Path(args.source) if args.source else None, gpu=args.gpu, timeout=args.timeout,
+        exp_dir=_exp_dir(args, name),
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(config),
+        source=Path(args.source) if args.source else None,
+        gpu=args.gpu,
+        timeout=args.timeout,
         max_models=args.max_models,
     )
     result = run_search(config, opts)
@@ -62,8 +71,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = store.trained_per_epsilon()
         eps = schedule.current(counts)
         done = sum(min(counts.get(e, 0), n) for e, n in schedule.steps)
-        print(f"experiment {exp} ({cfg['dataset']['name']}): {done}/{schedule.total} unique models trained, "
-              f"epsilon {'complete' if eps is None else eps}")
+        print(
+            f"experiment {exp} ({cfg['dataset']['name']}): {done}/{schedule.total} unique models trained, "
+            f"epsilon {'complete' if eps is None else eps}"
+        )
         for m in store.running():
             print(f"in flight: #{m.id} {m.arch} (attempt {m.attempts})")
         print(format_summary(summary(store)))
@@ -193,8 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("regenerate-check", cmd_regenerate_check, "recover, re-render and compare a published net or solver")
     _config_args(p)
     p.add_argument("file")
-    p.add_argument("--protocol-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="per-model finetune protocol override, e.g. base_lr=0.0125")
+    p.add_argument(
+        "--protocol-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="per-model finetune protocol override, e.g. base_lr=0.0125",
+    )
 
     p = add("arch", cmd_arch, "recover the architecture string from a MetaQNN-style net prototxt")
     p.add_argument("file")

@@ -45,7 +45,7 @@ def load_caffe_file(path: Path) -> Tuple[str, Any]:
 
 
 def _as_dict(msg: Any) -> Dict[str, Any]:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)  # type: ignore[no-any-return]
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
 def _diff(a: Any, b: Any, where: str, out: List[str]) -> None:
@@ -122,7 +122,7 @@ def architecture_from_net(net: Any) -> Tuple[Layer, ...]:
             p = x.convolution_param
             k = p.kernel_size[0] if p.kernel_size else p.kernel_h
             s = p.stride[0] if p.stride else 1
-            nxt = [y for y in layers[i + 1:] if y.type not in ("ReLU", "Dropout")]
+            nxt = [y for y in layers[i + 1 :] if y.type not in ("ReLU", "Dropout")]
             if nxt and nxt[0].type == "Pooling" and nxt[0].pooling_param.pool == 1:  # AVE: the GAP block
                 out.append(GAP())
                 i = layers.index(nxt[0]) + 1
@@ -178,4 +178,3 @@ def _parse_protocol_overrides(items: Sequence[str]) -> Dict[str, Any]:
         _, key, value = parse_override(f"protocol.{item}")
         out[key] = value
     return out
-

@@ -50,9 +50,14 @@ def net_spec(config: Dict[str, Any], layers: Sequence[Layer], finetune: bool, da
     paths = _paths(config, finetune, data_dir)
     space = config["space"]
     return build_net(
-        layers, image_size=int(space["image_size"]), channels=int(config["dataset"].get("channels", 3)),
-        num_classes=int(space["num_classes"]), train_source=paths["train"], test_source=paths["test"],
-        transform=transform_of(config), dropout=config.get("render", {}).get("dropout", "paper"),
+        layers,
+        image_size=int(space["image_size"]),
+        channels=int(config["dataset"].get("channels", 3)),
+        num_classes=int(space["num_classes"]),
+        train_source=paths["train"],
+        test_source=paths["test"],
+        transform=transform_of(config),
+        dropout=config.get("render", {}).get("dropout", "paper"),
     )
 
 
@@ -66,25 +71,40 @@ def _overridden(name: str, overrides: Optional[Dict[str, Any]]) -> Any:
 
 
 def finetune_solver_text(
-    config: Dict[str, Any], net: str = "finetune_net.prototxt", protocol_overrides: Optional[Dict[str, Any]] = None,
+    config: Dict[str, Any],
+    net: str = "finetune_net.prototxt",
+    protocol_overrides: Optional[Dict[str, Any]] = None,
     data_dir: Optional[Path] = None,
 ) -> str:
     proto = _overridden(config["protocol"]["finetune"], protocol_overrides)
     sizes = dataset_sizes(config, data_dir)
-    return render_solver(solver_fields(proto, net=net, train_size=sizes[proto.train_set],
-                                       test_size=sizes[proto.test_set], whole_test_set=False))
+    return render_solver(
+        solver_fields(
+            proto, net=net, train_size=sizes[proto.train_set], test_size=sizes[proto.test_set], whole_test_set=False
+        )
+    )
 
 
-def search_solver_text(config: Dict[str, Any], net: str = "net.prototxt", lr: Optional[float] = None,
-                       data_dir: Optional[Path] = None) -> str:
+def search_solver_text(
+    config: Dict[str, Any], net: str = "net.prototxt", lr: Optional[float] = None, data_dir: Optional[Path] = None
+) -> str:
     proto = _overridden(config["protocol"]["search"], {"base_lr": lr} if lr else None)
     sizes = dataset_sizes(config, data_dir)
-    return render_solver(solver_fields(proto, net=net, train_size=sizes[proto.train_set],
-                                       test_size=sizes[proto.test_set], whole_test_set=True))
+    return render_solver(
+        solver_fields(
+            proto, net=net, train_size=sizes[proto.train_set], test_size=sizes[proto.test_set], whole_test_set=True
+        )
+    )
 
 
-def render_model(config: Dict[str, Any], arch: str, out: Path, manifest_dir: Optional[Path] = None,
-                 lr: Optional[float] = None, metadata: Optional[Dict[str, Any]] = None) -> List[Path]:
+def render_model(
+    config: Dict[str, Any],
+    arch: str,
+    out: Path,
+    manifest_dir: Optional[Path] = None,
+    lr: Optional[float] = None,
+    metadata: Optional[Dict[str, Any]] = None,
+) -> List[Path]:
     layers = parse_architecture(arch)
     out.mkdir(parents=True, exist_ok=True)
     spec = net_spec(config, layers, False, manifest_dir)
@@ -94,8 +114,10 @@ def render_model(config: Dict[str, Any], arch: str, out: Path, manifest_dir: Opt
         "solver_search.prototxt": search_solver_text(config, "net.prototxt", lr, manifest_dir),
         "solver_finetune.prototxt": finetune_solver_text(config, "finetune_net.prototxt", None, manifest_dir),
         "arch.txt": arch + "\n",
-        "metadata.json": json.dumps({"arch": arch, "param_count": spec.param_count, **(metadata or {})},
-                                    indent=1, sort_keys=True) + "\n",
+        "metadata.json": json.dumps(
+            {"arch": arch, "param_count": spec.param_count, **(metadata or {})}, indent=1, sort_keys=True
+        )
+        + "\n",
     }
     written = []
     for name, text in files.items():
@@ -113,19 +135,37 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
     rows = []
     for rank, m in enumerate(models, 1):
         folder = out / f"{rank:02d}_model{m.id:05d}"
-        meta = {"rank": rank, "model_id": m.id, "validation_accuracy": m.reward, "epsilon": m.epsilon,
-                "learning_rate": m.metrics.get("learning_rate"), "restarts": m.metrics.get("restarts"),
-                "best_iteration": m.metrics.get("best_iteration"), "dataset": config["dataset"]["name"]}
+        meta = {
+            "rank": rank,
+            "model_id": m.id,
+            "validation_accuracy": m.reward,
+            "epsilon": m.epsilon,
+            "learning_rate": m.metrics.get("learning_rate"),
+            "restarts": m.metrics.get("restarts"),
+            "best_iteration": m.metrics.get("best_iteration"),
+            "dataset": config["dataset"]["name"],
+        }
         render_model(config, m.arch, folder, lr=m.metrics.get("learning_rate"), metadata=meta)
         params = json.loads((folder / "metadata.json").read_text())["param_count"]
-        rows.append({"rank": rank, "model": m.id, "val_acc": m.reward, "params": params,
-                     "lr": m.metrics.get("learning_rate"), "folder": folder.name, "arch": m.arch})
+        rows.append(
+            {
+                "rank": rank,
+                "model": m.id,
+                "val_acc": m.reward,
+                "params": params,
+                "lr": m.metrics.get("learning_rate"),
+                "folder": folder.name,
+                "arch": m.arch,
+            }
+        )
     with open(out / "summary.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     md = ["| rank | model | val. acc. | params (10^6) | lr | architecture |", "|---:|---:|---:|---:|---:|---|"]
-    md += [f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['params'] / 1e6:.3f} | {r['lr']} | `{r['arch']}` |"
-           for r in rows]
+    md += [
+        f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['params'] / 1e6:.3f} | {r['lr']} | `{r['arch']}` |"
+        for r in rows
+    ]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     return [f"exported {len(rows)} models to {out}", *md]

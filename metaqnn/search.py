@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from data_prep.prepare import PrepOptions, prepare, read_manifest
+from data_prep.lmdb_writer import quick_check_lmdb
+from data_prep.prepare import PrepOptions, prepare
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.config import PROJECT_ROOT, agent_config_of, schedule_of, space_of
 from metaqnn.netspec import Transform
@@ -48,22 +49,32 @@ def default_exp_dir(name: str) -> Path:
 def prep_options(config: Dict[str, Any]) -> PrepOptions:
     d = config["dataset"]
     return PrepOptions(
-        dataset=d["name"], validation_size=int(d.get("validation_size", 5000)), preprocess=d.get("preprocess", "none"),
-        pad=int(d.get("pad", 0)), seed=int(d.get("seed", 0)),
+        dataset=d["name"],
+        validation_size=int(d.get("validation_size", 5000)),
+        preprocess=d.get("preprocess", "none"),
+        pad=int(d.get("pad", 0)),
+        seed=int(d.get("seed", 0)),
     )
 
 
-def ensure_data(config: Dict[str, Any], data_dir: Path, source: Optional[Path], log: Callable[[str], None]) -> Dict[str, Any]:
-    manifest = read_manifest(data_dir)
-    if manifest is not None and manifest.get("options") == prep_options(config).__dict__:
-        return manifest
-    return prepare(prep_options(config), data_dir, source, log)
+def ensure_data(
+    config: Dict[str, Any], data_dir: Path, source: Optional[Path], log: Callable[[str], None]
+) -> Dict[str, Any]:
+    """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them."""
+    manifest = prepare(prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg))
+    for name in ("train", "val"):
+        quick_check_lmdb(data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
+    return manifest
 
 
 def transform_of(config: Dict[str, Any]) -> Transform:
     r = config.get("render", {})
-    return Transform(mirror=bool(r.get("mirror", False)), crop_size=int(r.get("crop_size", 0)),
-                     scale=float(r.get("scale", 0.0)), mean_file=str(r.get("mean_file", "")))
+    return Transform(
+        mirror=bool(r.get("mirror", False)),
+        crop_size=int(r.get("crop_size", 0)),
+        scale=float(r.get("scale", 0.0)),
+        mean_file=str(r.get("mean_file", "")),
+    )
 
 
 class Progress:
@@ -78,7 +89,11 @@ class Progress:
         done = sum(self.agent.trained_per_epsilon.values())
         total = self.agent.schedule.total
         eps = self.agent.epsilon
-        here = [m.reward for m in self.store.models() if m.epsilon == eps and m.status in ("done", "failed")]
+        here = [
+            m.reward
+            for m in self.store.models()
+            if m.epsilon == eps and m.status in ("done", "failed") and m.reward is not None
+        ]
         stats = f"best {max(here):.4f} mean {sum(here) / len(here):.4f}" if here else "no models yet"
         eta = ""
         if self.times:
@@ -114,18 +129,29 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
         store.load_agent(agent)
         progress = Progress(agent, store, log)
         sets = manifest["sets"]
-        log(f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}) | "
+        log(
+            f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}) | "
             f"{'GPU ' + str(options.gpu) if options.gpu is not None else 'CPU'} | "
-            f"{len(agent.rewards)} models already trained")
+            f"{len(agent.rewards)} models already trained"
+        )
 
         def train(p: Proposal, model_id: int) -> TrainResult:
             job = TrainJob(
-                layers=p.layers, model_dir=options.exp_dir / "models" / f"{model_id:05d}", caffe=caffe.binary,
-                train_lmdb=options.data_dir / sets["train"]["path"], val_lmdb=options.data_dir / sets["val"]["path"],
-                train_size=sets["train"]["count"], val_size=sets["val"]["count"], image_size=space.image_size,
-                channels=sets["train"]["shape"][0], num_classes=space.num_classes, protocol=protocol,
-                transform=transform_of(config), dropout=config.get("render", {}).get("dropout", "paper"),
-                gpu=options.gpu, timeout=options.timeout,
+                layers=p.layers,
+                model_dir=options.exp_dir / "models" / f"{model_id:05d}",
+                caffe=caffe.binary,
+                train_lmdb=options.data_dir / sets["train"]["path"],
+                val_lmdb=options.data_dir / sets["val"]["path"],
+                train_size=sets["train"]["count"],
+                val_size=sets["val"]["count"],
+                image_size=space.image_size,
+                channels=sets["train"]["shape"][0],
+                num_classes=space.num_classes,
+                protocol=protocol,
+                transform=transform_of(config),
+                dropout=config.get("render", {}).get("dropout", "paper"),
+                gpu=options.gpu,
+                timeout=options.timeout,
             )
             started = time.monotonic()
             result = Trainer(job, progress=lambda msg: progress.show(f"#{model_id} {msg}")).train()
@@ -164,7 +190,9 @@ def search_loop(
         agent.observe(p.arch, p.encoded, reward, p.epsilon)
         store.record_result(agent, p, result.status, reward, metrics, result.message or None)
         what = f"acc {reward:.4f}" if result.status == "done" else f"FAILED ({result.failure}: {result.message})"
-        progress.event(f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}")
+        progress.event(
+            f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}"
+        )
 
     trained_now = 0
     for row in store.running():  # a model that was in flight when the search stopped
@@ -199,7 +227,8 @@ def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10
             per_eps.setdefault(m.epsilon, []).append(m.reward)
     return {
         "per_epsilon": {
-            e: {"models": len(v), "mean": sum(v) / len(v), "best": max(v)} for e, v in sorted(per_eps.items(), reverse=True)
+            e: {"models": len(v), "mean": sum(v) / len(v), "best": max(v)}
+            for e, v in sorted(per_eps.items(), reverse=True)
         },
         "top": [(m.id, m.reward, m.arch) for m in store.top_models(top)],
         "complete": None if agent is None else agent.done,

@@ -35,7 +35,7 @@ _SNAP_ITER = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
 
 
 class DataMissingError(MetaQNNError):
-    """The LMDBs are gone: every model would fail, so the search stops instead."""
+    """The LMDBs are gone or unreadable: every model would fail, so the search stops instead."""
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,10 @@ class Trainer:
             return "failed", "timeout", f"stopped after the wall-clock limit of {self.job.timeout} s"
         if o.stopped_for_nan:
             return None  # handled by the protocol (divergence)
-        if any("mdb_env_open" in f or "No such file or directory" in f for f in st.fatal):
-            self._check_data()
+        self._check_data()
+        lmdb_fatal = next((f for f in st.fatal if "db_lmdb" in f or "mdb_" in f.lower() or "MDB_" in f), None)
+        if lmdb_fatal is not None:  # every model would fail the same way: stop the search instead
+            raise DataMissingError(f"caffe cannot read the training data: {lmdb_fatal[:200]}")
         if st.fatal:
             return "failed", "rejected", "caffe refused the net: " + st.fatal[0][:300]
         if o.returncode != 0:

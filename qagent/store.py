@@ -192,7 +192,7 @@ class ExperimentStore:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
 
     def config(self) -> Dict[str, Any]:
-        return json.loads(self.meta()["config"])  # type: ignore[no-any-return]
+        return json.loads(self.meta()["config"])
 
     def models(self, status: Optional[str] = None) -> List[ModelRow]:
         if status is None:
@@ -234,7 +234,7 @@ class ExperimentStore:
     def rng_after(self, arch: str) -> Optional[List[Any]]:
         """RNG state right after ``arch`` was sampled (resuming a model that was in flight)."""
         r = self.conn.execute("SELECT rng_after FROM models WHERE arch = ?", (arch,)).fetchone()
-        return None if r is None or r["rng_after"] is None else json.loads(r["rng_after"])  # type: ignore[no-any-return]
+        return None if r is None or r["rng_after"] is None else json.loads(r["rng_after"])
 
     # -- agent state ----------------------------------------------------------------
     def load_agent(self, agent: Agent) -> None:

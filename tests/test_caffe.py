@@ -65,17 +65,27 @@ def test_real_caffe_train_on_a_tiny_lmdb(caffe, tmp_path):
     rng = np.random.default_rng(0)
     _tiny_lmdb(tmp_path / "train.lmdb", 256, rng)
     _tiny_lmdb(tmp_path / "val.lmdb", 100, rng)
-    spec = build_net(parse_architecture("[C(8,3,1), P(2,2), SM(2)]"), image_size=8, channels=1, num_classes=2,
-                     train_source="train.lmdb", test_source="val.lmdb", transform=Transform(scale=1 / 256),
-                     train_batch=32)
+    spec = build_net(
+        parse_architecture("[C(8,3,1), P(2,2), SM(2)]"),
+        image_size=8,
+        channels=1,
+        num_classes=2,
+        train_source="train.lmdb",
+        test_source="val.lmdb",
+        transform=Transform(scale=1 / 256),
+        train_batch=32,
+    )
     (tmp_path / "net.prototxt").write_text(render_net(spec))
     proto = load_protocol("search_digits").with_overrides(display=1, test_initialization=True)
-    fields = solver_fields(proto, net="net.prototxt", train_size=256, test_size=100, whole_test_set=True,
-                           max_epochs=10)
+    fields = solver_fields(proto, net="net.prototxt", train_size=256, test_size=100, whole_test_set=True, max_epochs=10)
     (tmp_path / "solver.prototxt").write_text(render_solver(fields))
     (tmp_path / "snapshots").mkdir()
-    outcome = run_caffe(train_argv(caffe.binary, tmp_path / "solver.prototxt"), cwd=tmp_path,
-                        log_path=tmp_path / "train.log", timeout=300)
+    outcome = run_caffe(
+        train_argv(caffe.binary, tmp_path / "solver.prototxt"),
+        cwd=tmp_path,
+        log_path=tmp_path / "train.log",
+        timeout=300,
+    )
     st = outcome.state
     assert outcome.returncode == 0 and st.done and not st.fatal
     # a test pass at iteration 0 and after each of the 10 epochs of 8 iterations

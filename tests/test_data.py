@@ -31,7 +31,9 @@ def write_idx(folder, prefix, images, labels, gz=False):
 def mnist_release(folder, n_train=1200, n_test=300, seed=0, gz=False):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    write_idx(folder, "train", rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_train), gz)
+    write_idx(
+        folder, "train", rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_train), gz
+    )
     write_idx(folder, "t10k", rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_test), gz)
 
 
@@ -45,9 +47,18 @@ def test_mnist_lmdb_is_byte_identical_to_convert_mnist_data(caffe, tmp_path):
     manifest = prepare(PrepOptions("mnist", validation_size=200), tmp_path / "out", src, log=lambda _m: None)
     for ours, prefix in (("train_full", "train"), ("test", "t10k")):
         theirs = tmp_path / f"caffe_{prefix}"
-        subprocess.run([str(caffe.tool("convert_mnist_data")), str(src / f"{prefix}-images-idx3-ubyte"),
-                        str(src / f"{prefix}-labels-idx1-ubyte"), str(theirs), "--backend=lmdb"],
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                str(caffe.tool("convert_mnist_data")),
+                str(src / f"{prefix}-images-idx3-ubyte"),
+                str(src / f"{prefix}-labels-idx1-ubyte"),
+                str(theirs),
+                "--backend=lmdb",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         a, b = records(tmp_path / "out" / f"{ours}.lmdb"), records(theirs)
         assert len(a) == manifest["sets"][ours]["count"] and a == b
     assert manifest["sets"]["train"]["count"] == 1000 and manifest["sets"]["val"]["count"] == 200
@@ -64,8 +75,12 @@ def test_cifar_lmdb_is_byte_identical_to_convert_cifar_data(caffe, tmp_path):
     prepare(PrepOptions("cifar10", validation_size=5000), tmp_path / "out", src, log=lambda _m: None)
     out = tmp_path / "caffe"
     out.mkdir()  # convert_cifar_data creates its two LMDBs inside an existing folder
-    subprocess.run([str(caffe.tool("convert_cifar_data")), str(src), str(out), "lmdb"], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [str(caffe.tool("convert_cifar_data")), str(src), str(out), "lmdb"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert records(tmp_path / "out" / "train_full.lmdb") == records(out / "cifar10_train_lmdb")
     assert records(tmp_path / "out" / "test.lmdb") == records(out / "cifar10_test_lmdb")
 
@@ -121,7 +136,9 @@ def test_interrupted_write_leaves_no_finished_lmdb(tmp_path, monkeypatch):
 
 
 def test_float_preprocessing_goes_to_float_data(tmp_path):
-    manifest = prepare(PrepOptions("digits", validation_size=300, preprocess="gcn", pad=2), tmp_path, log=lambda _m: None)
+    manifest = prepare(
+        PrepOptions("digits", validation_size=300, preprocess="gcn", pad=2), tmp_path, log=lambda _m: None
+    )
     assert manifest["sets"]["train"]["dtype"] == "float32" and manifest["sets"]["train"]["shape"] == [1, 12, 12]
     _, value = records(tmp_path / "val.lmdb")[0]
     d = load_schema().Datum.FromString(value)
@@ -133,12 +150,18 @@ def test_float_preprocessing_goes_to_float_data(tmp_path):
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (lambda f: (f / "train-images-idx3-ubyte").write_bytes((f / "train-images-idx3-ubyte").read_bytes()[:5000]),
-         "train-images-idx3-ubyte: truncated: header says 1200 images"),
-        (lambda f: (f / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2051, 1200) + bytes(1200)),
-         "bad IDX label magic number 2051"),
-        (lambda f: (f / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 300) + bytes([12]) * 300),
-         "labels out of range 0..9"),
+        (
+            lambda f: (f / "train-images-idx3-ubyte").write_bytes((f / "train-images-idx3-ubyte").read_bytes()[:5000]),
+            "train-images-idx3-ubyte: truncated: header says 1200 images",
+        ),
+        (
+            lambda f: (f / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2051, 1200) + bytes(1200)),
+            "bad IDX label magic number 2051",
+        ),
+        (
+            lambda f: (f / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 300) + bytes([12]) * 300),
+            "labels out of range 0..9",
+        ),
         (lambda f: (f / "t10k-images-idx3-ubyte").unlink(), "missing t10k-images-idx3-ubyte"),
     ],
 )
@@ -155,7 +178,7 @@ def test_corrupt_gzip_and_cifar_and_svhn(tmp_path):
     src = tmp_path / "mnist"
     mnist_release(src, gz=True)
     (src / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot read"):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: cannot read"):
         prepare(PrepOptions("mnist", validation_size=200), tmp_path / "o", src, log=lambda _m: None)
     (tmp_path / "b.bin").write_bytes(bytes(CIFAR_RECORD * 2 + 7))
     with pytest.raises(DataError, match="not a multiple of the 3073-byte CIFAR record"):
@@ -168,5 +191,5 @@ def test_corrupt_gzip_and_cifar_and_svhn(tmp_path):
     assert split.images.shape == (6, 3, 32, 32) and list(split.labels) == [0, 1, 2, 3, 4, 5]
     assert np.array_equal(split.images[2, 1], x[:, :, 1, 2])
     (tmp_path / "bad.mat").write_bytes(b"MATLAB 5.0 nonsense")
-    with pytest.raises(DataError, match="bad.mat: not a readable SVHN .mat file"):
+    with pytest.raises(DataError, match=r"bad\.mat: not a readable SVHN \.mat file"):
         read_svhn_mat(tmp_path / "bad.mat")

@@ -19,7 +19,8 @@ def test_normal_run_rows_match_parse_log_columns(tmp_path):
     assert st.train_rows[-1]["SoftmaxWithLoss1"] < st.train_rows[0]["SoftmaxWithLoss1"]
     assert st.snapshots[-2:] == ["snapshots/model_iter_185.caffemodel", "snapshots/model_iter_185.solverstate"]
     assert st.best_test("Accuracy1") == max(
-        ((int(r["NumIters"]), r["Accuracy1"]) for r in st.test_rows), key=lambda p: p[1])
+        ((int(r["NumIters"]), r["Accuracy1"]) for r in st.test_rows), key=lambda p: p[1]
+    )
     train_csv, test_csv = write_csvs(st, tmp_path / "normal.log")
     header = test_csv.read_text().splitlines()[0]
     assert header == "NumIters,Seconds,LearningRate,Accuracy1,SoftmaxWithLoss1"

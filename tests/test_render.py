@@ -82,7 +82,7 @@ def test_floats_round_trip_exactly():
     assert pb_value(1e-5) == "1e-05" and pb_value(0.00016) == "0.00016" and pb_value(1 / 12) == repr(1 / 12)
     assert float(pb_value(0.001 * 0.4**4)) == 0.001 * 0.4**4
     text = render_solver([("base_lr", 0.001 * 0.4**4), ("solver_mode", "CPU"), ("net", "a b.prototxt")])
-    assert text == f"base_lr: {0.001 * 0.4**4!r}\nsolver_mode: CPU\nnet: \"a b.prototxt\"\n"
+    assert text == f'base_lr: {0.001 * 0.4**4!r}\nsolver_mode: CPU\nnet: "a b.prototxt"\n'
 
 
 def test_dropout_rules():
@@ -125,19 +125,28 @@ def _caffemodel_params(path):
 
 
 def test_parameter_count_equals_caffes_and_rendered_nets_train(caffe, digits_data, tmp_path):
-    data, manifest = digits_data
+    data, _manifest = digits_data
     arch = "[C(16,3,1), C(8,5,1), P(2,2), FC(32), FC(32), SM(10)]"
     gap = "[C(16,3,1), P(3,2), C(8,1,1), GAP, SM(10)]"
     for text in (arch, gap):
         layers = parse_architecture(text)
-        spec = build_net(layers, image_size=8, channels=1, num_classes=10, train_source=str(data / "train.lmdb"),
-                         test_source=str(data / "val.lmdb"), transform=Transform(scale=1 / 256), train_batch=32)
+        spec = build_net(
+            layers,
+            image_size=8,
+            channels=1,
+            num_classes=10,
+            train_source=str(data / "train.lmdb"),
+            test_source=str(data / "val.lmdb"),
+            transform=Transform(scale=1 / 256),
+            train_batch=32,
+        )
         d = tmp_path / str(abs(hash(text)))
         (d / "snapshots").mkdir(parents=True)
         (d / "net.prototxt").write_text(render_net(spec))
         proto = load_protocol("search_digits")
-        fields = solver_fields(proto, net="net.prototxt", train_size=1197, test_size=300, whole_test_set=True,
-                               max_epochs=1)
+        fields = solver_fields(
+            proto, net="net.prototxt", train_size=1197, test_size=300, whole_test_set=True, max_epochs=1
+        )
         (d / "solver.prototxt").write_text(render_solver(fields))
         o = run_caffe(train_argv(caffe.binary, d / "solver.prototxt"), cwd=d, log_path=d / "log", timeout=120)
         assert o.returncode == 0 and o.state.done, (d / "log").read_text()[-2000:]
@@ -178,8 +187,14 @@ def test_parameter_counts_against_tables_a2_a4():
 def test_export_layout(tmp_path):
     files = render_model(SVHN, TABLE_A3[0][0], tmp_path / "m", lr=0.0004)
     names = sorted(p.name for p in files)
-    assert names == ["arch.txt", "finetune_net.prototxt", "metadata.json", "net.prototxt",
-                     "solver_finetune.prototxt", "solver_search.prototxt"]
+    assert names == [
+        "arch.txt",
+        "finetune_net.prototxt",
+        "metadata.json",
+        "net.prototxt",
+        "solver_finetune.prototxt",
+        "solver_search.prototxt",
+    ]
     _, solver = load_caffe_file(tmp_path / "m" / "solver_search.prototxt")
     assert solver.base_lr == pytest.approx(0.0004) and solver.type == "Adam"
     assert architecture_of_net(tmp_path / "m" / "finetune_net.prototxt") == TABLE_A3[0][0]

@@ -7,8 +7,20 @@ from metaqnn.config import build_config, space_of
 from qagent.arch import FC, GAP, Conv, Pool, Softmax, format_architecture, parse_architecture
 from qagent.errors import ConfigError, InvalidArchitectureError
 from qagent.qlearning import QTable, sample_trajectory
-from qagent.space import CONV, FCL, POOL, State, actions, architecture_of, conv_output, pool_output, start
-from qagent.space import SpaceConfig, transition, trajectory_of
+from qagent.space import (
+    CONV,
+    FCL,
+    POOL,
+    SpaceConfig,
+    State,
+    actions,
+    architecture_of,
+    conv_output,
+    pool_output,
+    start,
+    trajectory_of,
+    transition,
+)
 
 SVHN = space_of(build_config("svhn"))
 CIFAR = space_of(build_config("cifar10"))
@@ -116,8 +128,11 @@ def test_thousands_of_sampled_architectures_obey_every_constraint(space):
         assert trajectory_of(space, layers) == steps
 
 
-@pytest.mark.parametrize(("space", "table"), [(CIFAR, TABLE_A2), (SVHN, TABLE_A3), (MNIST, TABLE_A4)],
-                         ids=["A2-cifar10", "A3-svhn", "A4-mnist"])
+@pytest.mark.parametrize(
+    ("space", "table"),
+    [(CIFAR, TABLE_A2), (SVHN, TABLE_A3), (MNIST, TABLE_A4)],
+    ids=["A2-cifar10", "A3-svhn", "A4-mnist"],
+)
 def test_paper_top_models_are_valid_trajectories(space, table):
     for text, _params in table:
         layers = parse_architecture(text)
@@ -142,7 +157,9 @@ def test_config_is_validated_when_built():
     with pytest.raises(ConfigError, match="max_depth must be a positive integer"):
         SpaceConfig(image_size=32, num_classes=10, max_depth=0, conv_filters=(64,), conv_sizes=(3,))
     with pytest.raises(ConfigError, match="rsize_bins"):
-        SpaceConfig(image_size=32, num_classes=10, max_depth=3, conv_filters=(64,), conv_sizes=(3,), rsize_bins=(4, 8, 1))
+        SpaceConfig(
+            image_size=32, num_classes=10, max_depth=3, conv_filters=(64,), conv_sizes=(3,), rsize_bins=(4, 8, 1)
+        )
     with pytest.raises(ConfigError, match="unknown key"):
         build_config("svhn", ["space.max_dept=3"])
     with pytest.raises(ConfigError, match="unknown dataset/preset"):

@@ -8,7 +8,7 @@ import pytest
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.netspec import Transform
 from metaqnn.solverspec import Restarts, load_protocol
-from metaqnn.trainer import TrainJob, Trainer
+from metaqnn.trainer import Trainer, TrainJob
 from qagent.arch import Pool, Softmax, parse_architecture
 
 SMALL = "[C(16,3,1), P(2,2), FC(32), SM(10)]"
@@ -18,10 +18,21 @@ def make_job(digits_data, tmp_path, arch=SMALL, **protocol):
     data, manifest = digits_data
     proto = load_protocol("search_digits").with_overrides(**{"epochs": 4, "step_epochs": 2, **protocol})
     layers = parse_architecture(arch) if isinstance(arch, str) else arch
-    return TrainJob(layers=layers, model_dir=tmp_path / "model", caffe=find_caffe().binary, train_lmdb=data / "train.lmdb",
-                    val_lmdb=data / "val.lmdb", train_size=manifest["sets"]["train"]["count"],
-                    val_size=manifest["sets"]["val"]["count"], image_size=8, channels=1, num_classes=10,
-                    protocol=proto, transform=Transform(scale=1 / 256), timeout=120)
+    return TrainJob(
+        layers=layers,
+        model_dir=tmp_path / "model",
+        caffe=find_caffe().binary,
+        train_lmdb=data / "train.lmdb",
+        val_lmdb=data / "val.lmdb",
+        train_size=manifest["sets"]["train"]["count"],
+        val_size=manifest["sets"]["val"]["count"],
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        protocol=proto,
+        transform=Transform(scale=1 / 256),
+        timeout=120,
+    )
 
 
 def test_normal_run_reward_is_the_best_parsed_accuracy(digits_data, tmp_path):
@@ -52,8 +63,9 @@ def test_never_learning_is_a_failure_after_the_last_restart(digits_data, tmp_pat
 
 
 def test_divergence_stops_caffe(digits_data, tmp_path):
-    job = make_job(digits_data, tmp_path, type="SGD", base_lr=1000.0, momentum2=None, delta=None,
-                   restarts=Restarts(max_restarts=0))
+    job = make_job(
+        digits_data, tmp_path, type="SGD", base_lr=1000.0, momentum2=None, delta=None, restarts=Restarts(max_restarts=0)
+    )
     result = Trainer(job).train()
     assert result.status == "failed" and result.failure == "diverged"
     assert "# stopped: NaN/inf loss" in (tmp_path / "model" / "probe0.log").read_text()

@@ -15,7 +15,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -50,7 +50,7 @@ def descriptor_from_pb2_source(path: Path) -> bytes:
 _FILE_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14}
 
 
-def _read_varint(data: bytes, pos: int) -> "tuple[int, int]":
+def _read_varint(data: bytes, pos: int) -> Tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -111,7 +111,7 @@ def descriptor_from_proto(path: Path) -> bytes:
             timeout=120,
         )
         fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    return fds.file[0].SerializeToString()  # type: ignore[no-any-return]
+    return fds.file[0].SerializeToString()
 
 
 def classes_from_descriptor(blob: bytes) -> SimpleNamespace:
@@ -131,7 +131,7 @@ def classes_from_descriptor(blob: bytes) -> SimpleNamespace:
 
 def _pycaffe() -> Optional[Any]:
     try:
-        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
+        from caffe.proto import caffe_pb2
     except Exception:
         return None
     return caffe_pb2

@@ -1,0 +1,206 @@
+"""The paper's figures for one experiment, read from its store (works while the search runs).
+
+fig3_rolling_accuracy.png   Figure 3: rolling mean accuracy over iterations, bars = mean per epsilon
+figA2_accuracy_by_eps.png   Figure A2: accuracy distribution per epsilon, first vs last epsilon
+figA3_q_by_layer_type.png   Figure A3: average Q-value per layer type against layer depth
+figA4_q_by_receptive.png    Figure A4: average Q-value per conv receptive field against depth
+report.md                   the figures, the per-epsilon table and the top models
+"""
+
+import json
+from array import array
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from metaqnn.search import STORE_NAME, format_summary, summary
+from qagent.arch import parse_architecture
+from qagent.errors import StoreError
+from qagent.space import State
+from qagent.store import ExperimentStore
+
+TYPE_OF = {"C": "convolution", "P": "pooling", "FC": "fully connected", "SM": "termination", "GAP": "termination"}
+
+
+def _rolling(values: List[float], window: int) -> List[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _samples(store: ExperimentStore) -> List[Tuple[int, float, float]]:
+    return [(r["iteration"], r["epsilon"], r["reward"]) for r in store.samples() if r["reward"] is not None]
+
+
+def figure3(samples: List[Tuple[int, float, float]], out: Path) -> Dict[float, float]:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    window = min(100, max(5, len(samples) // 10))
+    means: Dict[float, float] = {}
+    spans: Dict[float, List[int]] = defaultdict(list)
+    for it, eps, _r in samples:
+        spans[eps].append(it)
+    for eps, its in spans.items():
+        vals = [r for it, e, r in samples if e == eps]
+        means[eps] = sum(vals) / len(vals)
+        ax.bar(
+            (min(its) + max(its)) / 2,
+            means[eps],
+            width=max(its) - min(its) + 1,
+            color="#cfe3f5",
+            edgecolor="#8fb8de",
+            align="center",
+        )
+        ax.text(
+            (min(its) + max(its)) / 2,
+            means[eps] + 0.01,
+            f"ε={eps:g}\n{means[eps]:.3f}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.plot(
+        [s[0] for s in samples],
+        _rolling([s[2] for s in samples], window),
+        color="#1f5fa8",
+        lw=1.5,
+        label=f"rolling mean over {window} models",
+    )
+    ax.set_xlabel("iteration (models sampled, duplicates included)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Q-learning performance (paper Figure 3)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return means
+
+
+def figure_a2(samples: List[Tuple[int, float, float]], out: Path) -> None:
+    by_eps: Dict[float, List[float]] = defaultdict(list)
+    for _, eps, r in samples:
+        by_eps[eps].append(r)
+    order = sorted(by_eps, reverse=True)
+    bins = [i / 10 for i in range(11)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bottoms = [0.0] * len(order)
+    cmap = plt.get_cmap("viridis")
+    for k in range(10):
+        fracs = [
+            sum(bins[k] <= v < bins[k + 1] or (k == 9 and v == 1.0) for v in by_eps[e]) / len(by_eps[e]) for e in order
+        ]
+        a.bar(range(len(order)), fracs, bottom=bottoms, color=cmap(k / 9), label=f"{bins[k]:.1f}-{bins[k + 1]:.1f}")
+        bottoms = [x + y for x, y in zip(bottoms, fracs)]
+    a.set_xticks(range(len(order)))
+    a.set_xticklabels([f"{e:g}" for e in order])
+    a.set_xlabel("ε")
+    a.set_ylabel("fraction of models")
+    a.set_title("accuracy distribution per ε (Figure A2a/c)")
+    a.legend(title="accuracy", fontsize=6, title_fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    first, last = order[0], order[-1]
+    b.hist(by_eps[first], bins=bins, alpha=0.6, density=True, label=f"ε={first:g} ({len(by_eps[first])} models)")
+    b.hist(by_eps[last], bins=bins, alpha=0.6, density=True, label=f"ε={last:g} ({len(by_eps[last])} models)")
+    b.set_xlabel("validation accuracy")
+    b.set_ylabel("density")
+    b.set_title("first vs last ε (Figure A2b/d)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def q_averages(store: ExperimentStore) -> Tuple[Dict[str, Dict[int, float]], Dict[int, Dict[int, float]]]:
+    """Average Q per (layer type, depth of the chosen layer) and per (conv receptive field, depth)."""
+    by_type: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    by_field: Dict[int, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in store.q_rows():
+        state = State.from_key(row["state"])
+        values = array("d")
+        values.frombytes(row["q"])
+        depth = state.depth + 1
+        for action, q in zip(json.loads(row["actions"]), values):
+            kind = action.split("(")[0]
+            by_type[TYPE_OF[kind]][depth].append(q)
+            if kind == "C":
+                f = int(action[2:-1].split(",")[1])
+                by_field[f][depth].append(q)
+    avg = lambda d: {k: {x: sum(v) / len(v) for x, v in sorted(inner.items())} for k, inner in d.items()}  # noqa: E731
+    return avg(by_type), avg(by_field)
+
+
+def _lines(data: Dict[Any, Dict[int, float]], out: Path, title: str, label: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in sorted(data, key=str):
+        pts = data[key]
+        ax.plot(list(pts), list(pts.values()), marker="o", label=f"{label}{key}")
+    ax.set_xlabel("layer depth")
+    ax.set_ylabel("average Q-value")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(exp_dir: Path, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+        samples = _samples(store)
+        if not samples:
+            raise StoreError(f"experiment {exp_dir} has no results yet")
+        cfg = store.config()
+        means = figure3(samples, out / "fig3_rolling_accuracy.png")
+        figure_a2(samples, out / "figA2_accuracy_by_eps.png")
+        by_type, by_field = q_averages(store)
+        _lines(by_type, out / "figA3_q_by_layer_type.png", "average Q-value per layer type (Figure A3)", "")
+        _lines(
+            by_field, out / "figA4_q_by_receptive.png", "average Q-value per conv receptive field (Figure A4)", "f = "
+        )
+        s = summary(store)
+        top = store.top_models(10)
+    lines = [
+        f"# MetaQNN experiment `{exp_dir.name}` ({cfg['dataset']['name']})",
+        "",
+        f"{len(samples)} sampled architectures ({len(s['top'])} shown below), "
+        f"{sum(v['models'] for v in s['per_epsilon'].values())} unique models trained.",
+        "",
+        "## Mean accuracy of sampled models per ε (Figure 3 bars)",
+        "",
+        "| ε | mean accuracy (samples) |",
+        "|---:|---:|",
+        *[f"| {e:g} | {m:.4f} |" for e, m in sorted(means.items(), reverse=True)],
+        "",
+        "![Figure 3](fig3_rolling_accuracy.png)",
+        "",
+        "![Figure A2](figA2_accuracy_by_eps.png)",
+        "",
+        "![Figure A3](figA3_q_by_layer_type.png)",
+        "",
+        "![Figure A4](figA4_q_by_receptive.png)",
+        "",
+        "## Unique models per ε and top models",
+        "",
+        "```",
+        format_summary(s),
+        "```",
+        "",
+        "| rank | model | val. acc. | layers | restarts | lr |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {i} | {m.id} | {m.reward:.4f} | {len(parse_architecture(m.arch)) - 1} | {m.metrics.get('restarts')} "
+            f"| {m.metrics.get('learning_rate')} |"
+            for i, m in enumerate(top, 1)
+        ],
+    ]
+    page = out / "report.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page
