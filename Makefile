@@ -13,6 +13,8 @@ GPU ?=
 SOURCE ?=
 SET ?=
 PUBLISHED ?= ../shared/reference/published-caffe
+# Inside a conda env the venv must see conda's pycaffe/caffe packages.
+VENV_FLAGS ?= $(if $(CONDA_PREFIX),--system-site-packages,)
 
 exp_arg = $(if $(EXP),--exp $(EXP),)
 gpu_arg = $(if $(GPU),--gpu $(GPU),)
@@ -26,7 +28,7 @@ setup: venv caffe
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
