@@ -17,8 +17,14 @@ SMALL = ["--set", "schedule.steps=[[1.0, 8], [0.5, 4], [0.1, 4]]", "--set", "spa
 
 
 def cli(*args, timeout=900, env=None):
-    return subprocess.run([sys.executable, "-m", "metaqnn", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "metaqnn", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def models(store_path):
@@ -31,8 +37,9 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
     data, _ = digits_data
     exp = tmp_path / "exp"
     args = ["search", "--exp", str(exp), "--data-dir", str(data), "--seed", str(seed), *SMALL]
-    proc = subprocess.Popen([sys.executable, "-m", "metaqnn", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metaqnn", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     store_path = exp / "store.sqlite"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until a few models are done, then kill at a random moment
@@ -78,15 +85,21 @@ def one_line_error(result, fragment):
 
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tmp_path, digits_data):
     one_line_error(cli("search", "--dataset", "imagenet", "--exp", str(tmp_path / "x")), "unknown dataset/preset")
-    one_line_error(cli("render", "--arch", "[C(64,3), SM(10)]", "--out", str(tmp_path / "r")),
-                   "C takes 3 integer parameter(s), got 2 in token 'C(64,3)' at column 2")
-    one_line_error(cli("search", "--exp", str(tmp_path / "x"), "--set", "space.max_depth=-1"),
-                   "space.max_depth must be a positive integer")
+    one_line_error(
+        cli("render", "--arch", "[C(64,3), SM(10)]", "--out", str(tmp_path / "r")),
+        "C takes 3 integer parameter(s), got 2 in token 'C(64,3)' at column 2",
+    )
+    one_line_error(
+        cli("search", "--exp", str(tmp_path / "x"), "--set", "space.max_depth=-1"),
+        "space.max_depth must be a positive integer",
+    )
     one_line_error(cli("search", "--exp", str(tmp_path / "x"), "--set", "agent.alpha=2"), "agent.alpha")
     one_line_error(cli("caffe-info", env={"CAFFE_BIN": "/nonexistent/caffe"}), "CAFFE_BIN=/nonexistent/caffe")
     one_line_error(cli("status", "--exp", str(tmp_path / "nothing")), "no experiment store")
-    one_line_error(cli("search", "--dataset", "mnist", "--exp", str(tmp_path / "m"), "--data-dir",
-                       str(tmp_path / "md")), "needs its release files")
+    one_line_error(
+        cli("search", "--dataset", "mnist", "--exp", str(tmp_path / "m"), "--data-dir", str(tmp_path / "md")),
+        "needs its release files",
+    )
     # a corrupt LMDB stops the search before any training, and loses nothing
     data, _ = digits_data
     bad = tmp_path / "bad"
