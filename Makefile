@@ -58,6 +58,12 @@ report: venv
 export: venv
 	$(PY) -m metaqnn export $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(TOP)
 
+finetune: setup
+	$(PY) -m metaqnn finetune $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(TOP) $(gpu_arg)
+
+ensemble: setup
+	$(PY) -m metaqnn ensemble $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(or $(ENSEMBLE_TOP),5) $(gpu_arg)
+
 compare: venv
 	$(PY) -m metaqnn compare $(A) $(B) $(if $(IGNORE_PATHS),--ignore-paths,)
 

@@ -157,6 +157,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from metaqnn.finetune import finetune
+
+    results = finetune(_exp_dir(args, "digits"), args.top, gpu=args.gpu, timeout=args.timeout)
+    print("| model | test error (%) | architecture |\n|---|---:|---|")
+    for r in results:
+        print(f"| {r['model']} | {100 * (1 - r['test_accuracy']):.2f} | `{r['arch']}` |")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from metaqnn.finetune import ensemble
+
+    ensemble(_exp_dir(args, "digits"), args.top, gpu=args.gpu)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaqnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("arch", cmd_arch, "recover the architecture string from a MetaQNN-style net prototxt")
     p.add_argument("file")
+
+    p = add("finetune", cmd_finetune, "train the top-K models with the finetune protocol, evaluate on test")
+    p.add_argument("--exp", help="experiment name or path")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--gpu", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="wall-clock limit per model, seconds")
+
+    p = add("ensemble", cmd_ensemble, "average the softmax outputs of the top-K finetuned models on test")
+    p.add_argument("--exp", help="experiment name or path")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--gpu", type=int, default=None)
 
     p = add("report", cmd_report, "figures (Fig. 3, A2, A3, A4) and a markdown page for an experiment")
     p.add_argument("--exp", help="experiment name or path")

@@ -1,5 +1,6 @@
 """Issue 7: the search as a user runs it -- real caffe, kill -9 at a random moment, rerun, nothing lost."""
 
+import json
 import os
 import random
 import signal
@@ -75,6 +76,15 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
     assert report.returncode == 0 and (exp / "report" / "fig3_rolling_accuracy.png").stat().st_size > 10000
     export = cli("export", "--exp", str(exp), "--top", "3")
     assert export.returncode == 0 and len(list((exp / "export").glob("0*_model*/net.prototxt"))) == 3
+    tuned = cli("finetune", "--exp", str(exp), "--top", "2")
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    ens = cli("ensemble", "--exp", str(exp), "--top", "2")
+    assert ens.returncode == 0, ens.stdout + ens.stderr
+    summary = json.loads((exp / "export" / "ensemble.json").read_text())
+    for single in summary["models"]:  # extract_features' probabilities agree with caffe's own test accuracy
+        caffe_acc = json.loads((exp / "export" / single["model"] / "finetune.json").read_text())["test_accuracy"]
+        assert abs(single["test_accuracy"] - caffe_acc) < 1e-6
+    assert summary["test_images"] == 300 and 0.5 < summary["ensemble_accuracy"] <= 1.0
 
 
 def one_line_error(result, fragment):
