@@ -2,6 +2,8 @@
 #   make demo                 the embedded digits search on the CPU (README's main job)
 #   make test                 lint, type check, Python 3.8 check, tests (installs everything)
 #   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
+#   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
+#   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +12,9 @@ DATASET ?= digits
 EXP ?=
 TOP ?= 10
 GPU ?=
+GPUS ?=
+WORKERS ?=
+RAY ?=
 SOURCE ?=
 SET ?=
 PUBLISHED ?= ../shared/reference/published-caffe
@@ -18,6 +23,7 @@ VENV_FLAGS ?= $(if $(CONDA_PREFIX),--system-site-packages,)
 
 exp_arg = $(if $(EXP),--exp $(EXP),)
 gpu_arg = $(if $(GPU),--gpu $(GPU),)
+par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RAY),--ray $(RAY),)
 src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
@@ -44,7 +50,7 @@ demo: setup
 	$(PY) -m metaqnn report $(exp_arg)
 
 search: setup
-	$(PY) -m metaqnn search --dataset $(DATASET) $(exp_arg) $(gpu_arg) $(src_arg) $(set_args)
+	$(PY) -m metaqnn search --dataset $(DATASET) $(exp_arg) $(gpu_arg) $(par_args) $(src_arg) $(set_args)
 
 status: venv
 	$(PY) -m metaqnn status $(if $(EXP),--exp $(EXP),--exp $(DATASET))
@@ -92,6 +98,7 @@ bench: setup
 	$(PY) bench/bench_agent.py
 	$(PY) bench/bench_trainer_overhead.py
 	$(PY) bench/bench_lmdb.py
+	$(PY) bench/bench_parallel.py
 
 clean:
 	rm -rf $(VENV) .deps .pytest_cache .mypy_cache .ruff_cache

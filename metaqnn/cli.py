@@ -6,6 +6,7 @@ exit status 2.  Ctrl-C stops Caffe, leaves the store consistent and exits 130.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -36,8 +37,18 @@ def _exp_dir(args: argparse.Namespace, default: str) -> Path:
     from metaqnn.search import default_exp_dir
 
     if args.exp and ("/" in args.exp or args.exp.startswith(".")):
-        return Path(args.exp)
+        return Path(args.exp).resolve()
     return default_exp_dir(args.exp or default)
+
+
+def _gpus(args: argparse.Namespace) -> List[int]:
+    from qagent.errors import ConfigError
+
+    text = args.gpus if args.gpus is not None else ("" if args.gpu is None else str(args.gpu))
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus must be a comma-separated list of GPU ids, got {text!r}") from None
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -49,7 +60,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         exp_dir=_exp_dir(args, name),
         data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(config),
         source=Path(args.source) if args.source else None,
-        gpu=args.gpu,
+        gpus=_gpus(args),
+        workers=args.workers,
+        ray=args.ray or os.environ.get("RAY_ADDRESS") or None,
+        cpus_per_trial=args.cpus_per_trial,
         timeout=args.timeout,
         max_models=args.max_models,
     )
@@ -189,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the LMDBs are (default data/<dataset>)")
     p.add_argument("--source", help="folder with the dataset's release files (mnist, cifar10, svhn)")
     p.add_argument("--gpu", type=int, default=None, help="train on this GPU (default: CPU)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one training per GPU at a time")
+    p.add_argument("--workers", type=int, default=1, help="trainings at once (CPU); default one per GPU")
+    p.add_argument("--ray", default=None, help="address of a running Ray cluster (or set RAY_ADDRESS)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs reserved per CPU training")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock limit per caffe run, seconds")
     p.add_argument("--max-models", type=int, default=None, help="stop after training this many new models")
 

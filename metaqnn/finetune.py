@@ -68,7 +68,7 @@ def finetune(
             raise FinetuneError(f"finetuning {folder.name} failed: see {folder / 'finetune.log'}")
         accs = [r["Accuracy1"] for r in o.state.test_rows if math.isfinite(r.get("Accuracy1", math.nan))]
         last_iter = int(o.state.test_rows[-1]["NumIters"])
-        result = {
+        result: Dict[str, Any] = {
             "model": folder.name,
             "arch": (folder / "arch.txt").read_text().strip(),
             "test_accuracy": accs[-1],

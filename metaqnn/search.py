@@ -9,17 +9,18 @@ resumed (same RNG state, its snapshots) instead of being sampled anew.
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.config import PROJECT_ROOT, agent_config_of, schedule_of, space_of
+from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
 from metaqnn.netspec import Transform
 from metaqnn.solverspec import load_protocol
-from metaqnn.trainer import Trainer, TrainJob, TrainResult
+from metaqnn.trainer import DataMissingError, Trainer, TrainJob, TrainResult
 from qagent.agent import Agent, Proposal
 from qagent.arch import parse_architecture
 from qagent.store import ExperimentStore
@@ -32,7 +33,10 @@ class SearchOptions:
     exp_dir: Path
     data_dir: Path
     source: Optional[Path] = None
-    gpu: Optional[int] = None
+    gpus: List[int] = field(default_factory=list)  # one training per GPU; empty = CPU
+    workers: int = 1  # trainings in flight at once (default: one per GPU, else 1)
+    ray: Optional[str] = None  # address of a running Ray cluster
+    cpus_per_trial: float = 1.0  # Ray CPU resources per CPU training
     timeout: Optional[float] = None
     max_models: Optional[int] = None  # stop after this many newly trained models (demos, tests)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
@@ -102,6 +106,14 @@ class Progress:
         eps_text = "done" if eps is None else f"{eps:g}"
         return f"[{done}/{total}] eps {eps_text} ({stats}){eta}" + (f" | {current}" if current else "")
 
+    def trainer(self, job: TrainJob) -> TrainResult:
+        """Train locally, showing the epochs of this model on the live line."""
+        started = time.monotonic()
+        name = f"#{int(job.model_dir.name)}"
+        result = Trainer(job, progress=lambda msg: self.show(f"{name} {msg}")).train()
+        self.times.append(time.monotonic() - started)
+        return result
+
     def show(self, current: str = "") -> None:
         if self.tty:
             sys.stdout.write("\r\033[K" + self.line(current))
@@ -118,6 +130,22 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> Any:
+    slots = max(options.workers, len(options.gpus) or 1)
+    if options.ray:
+        return RayExecutor(
+            run,
+            options.ray,
+            slots=None if options.workers <= 1 and not options.gpus else slots,
+            use_gpu=bool(options.gpus),
+            cpus_per_trial=options.cpus_per_trial,
+        )
+    if slots == 1 and len(options.gpus) <= 1:
+        gpu = options.gpus[0] if options.gpus else None
+        return InlineExecutor(lambda job: run(job if gpu is None else replace(job, gpu=gpu)))
+    return LocalExecutor(run, slots, options.gpus)
+
+
 def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]:
     log = options.log
     caffe = find_caffe()
@@ -129,14 +157,9 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
         store.load_agent(agent)
         progress = Progress(agent, store, log)
         sets = manifest["sets"]
-        log(
-            f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}) | "
-            f"{'GPU ' + str(options.gpu) if options.gpu is not None else 'CPU'} | "
-            f"{len(agent.rewards)} models already trained"
-        )
 
-        def train(p: Proposal, model_id: int) -> TrainResult:
-            job = TrainJob(
+        def make_job(p: Proposal, model_id: int) -> TrainJob:
+            return TrainJob(
                 layers=p.layers,
                 model_dir=options.exp_dir / "models" / f"{model_id:05d}",
                 caffe=caffe.binary,
@@ -150,33 +173,58 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
                 protocol=protocol,
                 transform=transform_of(config),
                 dropout=config.get("render", {}).get("dropout", "paper"),
-                gpu=options.gpu,
                 timeout=options.timeout,
             )
-            started = time.monotonic()
-            result = Trainer(job, progress=lambda msg: progress.show(f"#{model_id} {msg}")).train()
-            progress.times.append(time.monotonic() - started)
-            return result
 
-        search_loop(agent, store, train, progress, options.max_models)
+        executor = make_executor(options, train_job if options.ray else progress.trainer)
+        where = (
+            f"Ray cluster {options.ray}"
+            if options.ray
+            else (f"GPU {','.join(map(str, options.gpus))}" if options.gpus else "CPU")
+        )
+        log(
+            f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}) | {where} | "
+            f"{executor.slots} at a time | {len(agent.rewards)} models already trained"
+        )
+        try:
+            search_loop(agent, store, executor, make_job, progress, options.max_models)
+        finally:
+            executor.close()
         if progress.tty:
             sys.stdout.write("\n")
         return summary(store, agent)
 
 
+def train_job(job: TrainJob) -> TrainResult:
+    """Module-level so that Ray can ship it to workers."""
+    return Trainer(job).train()
+
+
 def search_loop(
     agent: Agent,
     store: ExperimentStore,
-    train: Callable[[Proposal, int], TrainResult],
+    executor: Any,
+    make_job: Callable[[Proposal, int], Any],
     progress: "Progress",
     max_models: Optional[int] = None,
 ) -> int:
-    """Algorithm 1 over a store; returns how many models were trained by this call.
+    """Algorithm 1 over a store with up to ``executor.slots`` models in flight.
 
-    Each result is committed with the agent's replays in one transaction, so the
-    loop can be killed anywhere: a model in flight is resumed with the RNG state
-    it was sampled with, everything committed stays committed.
+    Each result is committed with the agent's replays in one transaction as it arrives, so the
+    loop can be killed anywhere: models that were in flight are resumed (their snapshots, the
+    RNG state that followed them), everything committed stays committed.  An architecture that
+    is sampled while a copy of it is training is not sent out again: the sample waits for that
+    result and then counts as a duplicate.  Returns the number of models sent out.
     """
+    launched: Dict[str, Tuple[Proposal, int]] = {}
+    waiting: Dict[str, List[Proposal]] = {}
+    sent = 0
+
+    def launch(p: Proposal, model_id: int) -> None:
+        agent.launch(p)
+        launched[p.arch] = (p, model_id)
+        progress.show(f"#{model_id} {p.arch}")
+        executor.submit(p.arch, make_job(p, model_id))
 
     def commit(p: Proposal, result: TrainResult, model_id: int) -> None:
         metrics = result.metrics()
@@ -194,30 +242,48 @@ def search_loop(
             f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}"
         )
 
-    trained_now = 0
-    for row in store.running():  # a model that was in flight when the search stopped
-        rng = store.rng_after(row.arch)
-        if rng is not None:
-            agent.set_rng_state(rng)
-        p = Proposal(row.arch, parse_architecture(row.arch), row.epsilon, agent.encode(row.arch), None)
+    def answer_waiting(arch: str) -> None:
+        for dup in waiting.pop(arch, []):
+            if arch in agent.rewards:
+                agent.observe(arch, dup.encoded, agent.rewards[arch], dup.epsilon)
+                store.record_result(agent, dup, "duplicate", agent.rewards[arch])
+            else:
+                agent.skip(arch)
+                store.record_result(agent, dup, "oom", None, None, "re-sampled a model that ran out of memory")
+
+    for row in store.running():  # models that were in flight when the search stopped
         progress.event(f"#{row.id} resuming {row.arch}")
-        commit(p, train(p, row.id), row.id)
-        trained_now += 1
-    while not agent.done and (max_models is None or trained_now < max_models):
-        p = agent.propose()
-        if p.known_reward is not None:
-            agent.observe(p.arch, p.encoded, p.known_reward, p.epsilon)
-            store.record_result(agent, p, "duplicate", p.known_reward)
-            continue
-        if p.arch in agent.skipped:
-            agent.skip(p.arch)
-            store.record_result(agent, p, "oom", None, None, "re-sampled a model that ran out of memory")
-            continue
-        model_id = store.begin_model(agent, p)
-        progress.show(f"#{model_id} {p.arch}")
-        commit(p, train(p, model_id), model_id)
-        trained_now += 1
-    return trained_now
+        launch(Proposal(row.arch, parse_architecture(row.arch), row.epsilon, agent.encode(row.arch), None), row.id)
+        sent += 1
+    while True:
+        while (
+            len(agent.in_flight) < executor.slots
+            and agent.epsilon is not None
+            and (max_models is None or sent < max_models)
+        ):
+            p = agent.propose()
+            if p.known_reward is not None:
+                agent.observe(p.arch, p.encoded, p.known_reward, p.epsilon)
+                store.record_result(agent, p, "duplicate", p.known_reward)
+            elif p.arch in agent.skipped:
+                agent.skip(p.arch)
+                store.record_result(agent, p, "oom", None, None, "re-sampled a model that ran out of memory")
+            elif p.arch in agent.in_flight:
+                waiting.setdefault(p.arch, []).append(p)
+                break  # wait for that result instead of sending the same net out twice
+            else:
+                launch(p, store.begin_model(agent, p))
+                sent += 1
+        if not launched:
+            return sent
+        for arch, outcome in executor.wait_any():
+            p, model_id = launched.pop(arch)
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception) or isinstance(outcome, DataMissingError):
+                    raise outcome  # Ctrl-C, missing data: stop; the store stays consistent
+                outcome = TrainResult("failed", failure="crashed", message=f"training raised {outcome!r}"[:500])
+            commit(p, outcome, model_id)
+            answer_waiting(arch)
 
 
 def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10) -> Dict[str, Any]:

@@ -16,7 +16,9 @@ model from its last snapshot.
 
 import json
 import math
+import os
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +75,7 @@ class TrainResult:
     caffe_time: float = 0.0
     images_per_sec: Optional[float] = None
     param_count: int = 0
+    worker: str = ""  # host:pid (and Ray node) that trained it
 
     def metrics(self) -> Dict[str, Any]:
         return asdict(self)
@@ -109,21 +112,23 @@ def prune_snapshots(folder: Path, keep: Sequence[int]) -> None:
 class Trainer:
     def __init__(self, job: TrainJob, progress: Optional[Callable[[str], None]] = None) -> None:
         self.job = job
-        self.dir = job.model_dir
+        self.dir = job.model_dir.resolve()  # caffe runs with this as its working directory
         self.snap_dir = self.dir / "snapshots"
         self.progress = progress or (lambda _msg: None)
         self.ipe = job.protocol.iters_per_epoch(job.train_size)
         self.caffe_time = 0.0
         self.states: List[LogState] = []
+        self.state: Dict[str, Any] = {}
 
     # -- files ------------------------------------------------------------------------
-    def _state(self) -> Dict[str, Any]:
+    def _load_state(self) -> Dict[str, Any]:
+        """phase (probe | full), restart index, learning rate, caffe runs so far: survives a crash."""
         p = self.dir / "state.json"
         return json.loads(p.read_text()) if p.exists() else {"phase": "probe", "restart": 0, "runs": 0}
 
-    def _save_state(self, state: Dict[str, Any]) -> None:
+    def _save_state(self) -> None:
         tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
+        tmp.write_text(json.dumps(self.state))
         tmp.replace(self.dir / "state.json")
 
     def _write_solver(self, name: str, lr: float, epochs: int) -> Path:
@@ -150,9 +155,8 @@ class Trainer:
     # -- one caffe run ----------------------------------------------------------------
     def _run(self, solver: Path, snapshot: Optional[Path], label: str, keep: Sequence[int]) -> RunOutcome:
         self._check_data()
-        state = self._state()
-        state["runs"] += 1
-        self._save_state(state)
+        self.state["runs"] += 1
+        self._save_state()
         log = self.dir / f"{label}.log"
         best_iter: List[int] = []
         seen = [0]
@@ -255,6 +259,7 @@ class Trainer:
         (self.dir / "net.prototxt").write_text(render_net(spec))
         result = self._protocol()
         result.param_count = spec.param_count
+        result.worker = f"{socket.gethostname()}:{os.getpid()}"
         result.wall_time = time.monotonic() - t0
         result.caffe_time = self.caffe_time
         if not result.curve and self.states:
@@ -266,8 +271,7 @@ class Trainer:
         job, proto = self.job, self.job.protocol
         restarts = proto.restarts
         threshold = restarts.threshold(job.num_classes)
-        state = self._state()
-        lr = proto.base_lr * restarts.lr_factor ** state["restart"]
+        state = self.state = self._load_state()
         if state["phase"] == "probe":
             while True:
                 k = state["restart"]
@@ -283,7 +287,7 @@ class Trainer:
                 passed = acc is not None and acc > threshold and not o.stopped_for_nan
                 if passed:
                     state.update(phase="full", lr=lr)
-                    self._save_state(state)
+                    self._save_state()
                     break
                 if k >= restarts.max_restarts:
                     why = "diverged" if o.stopped_for_nan else "no_learning"
@@ -298,7 +302,7 @@ class Trainer:
                         f"in {k + 1} tries (last accuracy {acc})",
                     )
                 state["restart"] = k + 1
-                self._save_state(state)
+                self._save_state()
         lr = state["lr"]
         solver = self._write_solver("solver.prototxt", lr, proto.epochs)
         resume = self._latest_solverstate(min_iter=self.ipe)

@@ -65,15 +65,27 @@ class Agent:
         self.trained_per_epsilon: Dict[float, int] = {}
         self.skipped: Set[str] = set()
         self.iteration = 0
+        # Models sampled but not yet rewarded, per epsilon: they hold a place in the schedule so
+        # that N models in flight do not overshoot an epsilon's quota.
+        self.in_flight: Dict[str, float] = {}
 
     # -- schedule -----------------------------------------------------------------
     @property
     def epsilon(self) -> Optional[float]:
-        return self.schedule.current(self.trained_per_epsilon)
+        if not self.in_flight:
+            return self.schedule.current(self.trained_per_epsilon)
+        counts = dict(self.trained_per_epsilon)
+        for eps in self.in_flight.values():
+            counts[eps] = counts.get(eps, 0) + 1
+        return self.schedule.current(counts)
 
     @property
     def done(self) -> bool:
-        return self.epsilon is None
+        return self.epsilon is None and not self.in_flight
+
+    def launch(self, proposal: Proposal) -> None:
+        """A new architecture goes out for training: no other copy of it is handed out until it returns."""
+        self.in_flight[proposal.arch] = proposal.epsilon
 
     @property
     def failure_reward(self) -> float:
@@ -101,6 +113,7 @@ class Agent:
         memory again (so frequently chosen nets weigh more) but does not advance the schedule.
         Returns True when this was a new unique model.
         """
+        self.in_flight.pop(arch, None)
         new = arch not in self.rewards
         if new:
             self.rewards[arch] = reward
@@ -122,6 +135,7 @@ class Agent:
 
     def skip(self, arch: str) -> None:
         """An architecture that cannot be trained at all (out of memory): never hand it out again."""
+        self.in_flight.pop(arch, None)
         self.skipped.add(arch)
         self.iteration += 1
 

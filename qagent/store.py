@@ -38,7 +38,6 @@ CREATE TABLE IF NOT EXISTS models(
     reward REAL,
     metrics TEXT,                   -- JSON: curve, restarts, lr, wall time, ...
     message TEXT,
-    rng_after TEXT,                 -- RNG state right after this model was sampled (crash resume)
     attempts INTEGER NOT NULL DEFAULT 0,
     started REAL, finished REAL
 );
@@ -231,11 +230,6 @@ class ExperimentStore:
     def running(self) -> List[ModelRow]:
         return self.models("running")
 
-    def rng_after(self, arch: str) -> Optional[List[Any]]:
-        """RNG state right after ``arch`` was sampled (resuming a model that was in flight)."""
-        r = self.conn.execute("SELECT rng_after FROM models WHERE arch = ?", (arch,)).fetchone()
-        return None if r is None or r["rng_after"] is None else json.loads(r["rng_after"])
-
     # -- agent state ----------------------------------------------------------------
     def load_agent(self, agent: Agent) -> None:
         """Restore Q rows, replay memory, replay dictionary, counts and RNG into a fresh agent."""
@@ -282,21 +276,28 @@ class ExperimentStore:
             "INSERT INTO qvalues(id, q) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET q = excluded.q",
             [(sid, array("d", q.values[sid]).tobytes()) for sid in sorted(q.dirty)],
         )
-        conn.execute(
+        self._write_rng(agent)
+
+    def _write_rng(self, agent: Agent) -> None:
+        self.conn.execute(
             "INSERT INTO agent(id, rng) VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET rng = excluded.rng",
             (json.dumps(agent.rng_state()),),
         )
 
     # -- writing ----------------------------------------------------------------------
     def begin_model(self, agent: Agent, proposal: Proposal) -> int:
-        """Mark a model as in flight, with the RNG state after sampling it (for crash resume)."""
+        """Mark a model as in flight, together with the RNG state after sampling it.
+
+        After a crash the model is trained (resumed) instead of sampled again, and the
+        agent continues with the random numbers that follow it.
+        """
         with self.conn:
             self.conn.execute(
-                "INSERT INTO models(arch, status, epsilon, rng_after, attempts, started) "
-                "VALUES (?, 'running', ?, ?, 1, ?) ON CONFLICT(arch) DO UPDATE SET "
-                "status = 'running', attempts = attempts + 1, started = excluded.started",
-                (proposal.arch, proposal.epsilon, json.dumps(agent.rng_state()), time.time()),
+                "INSERT INTO models(arch, status, epsilon, attempts, started) VALUES (?, 'running', ?, 1, ?) "
+                "ON CONFLICT(arch) DO UPDATE SET status = 'running', attempts = attempts + 1, started = excluded.started",
+                (proposal.arch, proposal.epsilon, time.time()),
             )
+            self._write_rng(agent)
         row = self.conn.execute("SELECT id FROM models WHERE arch = ?", (proposal.arch,)).fetchone()
         return int(row["id"])
 

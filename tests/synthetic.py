@@ -1,6 +1,6 @@
 """A search with a synthetic deterministic reward instead of Caffe (agent + store + loop only).
 
-Run as a script by the kill-and-resume tests: ``python tests/synthetic.py STORE [SLEEP]``.
+Run as a script by the kill-and-resume tests: ``python tests/synthetic.py STORE [SLEEP [WORKERS]]``.
 """
 
 import hashlib
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from metaqnn.config import agent_config_of, build_config, schedule_of, space_of
+from metaqnn.executors import InlineExecutor, LocalExecutor
 from metaqnn.search import Progress, search_loop
 from metaqnn.trainer import TrainResult
 from qagent.agent import Agent, Proposal
@@ -24,26 +25,35 @@ def synthetic_reward(arch: str) -> float:
     return 0.1 + 0.85 * h / 0xFFFFFFFF
 
 
+def synthetic_result(arch: str) -> TrainResult:
+    r = synthetic_reward(arch)
+    if r < 0.15:
+        return TrainResult("failed", failure="no_learning", message="synthetic failure")
+    return TrainResult("done", best_accuracy=r)
+
+
 def config() -> Dict[str, Any]:
     return build_config("svhn", [SCHEDULE])
 
 
-def run(store_path: Path, sleep: float = 0.0) -> None:
+def run(store_path: Path, sleep: float = 0.0, workers: int = 1) -> None:
     cfg = config()
     with ExperimentStore.open(store_path, cfg) as store:
         agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
         store.load_agent(agent)
 
-        def train(p: Proposal, model_id: int) -> TrainResult:
+        def train(p: Proposal) -> TrainResult:
             if sleep:
                 time.sleep(sleep)
-            r = synthetic_reward(p.arch)
-            if r < 0.15:
-                return TrainResult("failed", failure="no_learning", message="synthetic failure")
-            return TrainResult("done", best_accuracy=r)
+            return synthetic_result(p.arch)
 
-        search_loop(agent, store, train, Progress(agent, store, lambda _m: None))
+        executor = InlineExecutor(train) if workers == 1 else LocalExecutor(train, workers)
+        try:
+            search_loop(agent, store, executor, lambda p, _id: p, Progress(agent, store, lambda _m: None))
+        finally:
+            executor.close()
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    args = sys.argv[1:]
+    run(Path(args[0]), float(args[1]) if len(args) > 1 else 0.0, int(args[2]) if len(args) > 2 else 1)

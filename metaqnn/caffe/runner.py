@@ -50,6 +50,22 @@ def _terminate(proc: "subprocess.Popen[str]", grace: float = 5.0) -> None:
         proc.wait()
 
 
+def stop_stale(pidfile: Path) -> None:
+    """Kill a caffe left running by a process that died (kill -9, a lost Ray worker) for this folder."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"caffe" in cmdline and str(pidfile.parent).encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for _ in range(100):  # wait until it is gone before a new caffe writes the same snapshots
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+
+
 def run_caffe(
     argv: Sequence[str],
     *,
@@ -71,6 +87,8 @@ def run_caffe(
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"# {' '.join(argv)}\n")
         log.flush()
+        pidfile = Path(cwd) / "caffe.pid"
+        stop_stale(pidfile)
         proc = subprocess.Popen(
             list(argv),
             cwd=str(cwd),
@@ -90,6 +108,7 @@ def run_caffe(
                 lines.put(line)
             lines.put(None)
 
+        pidfile.write_text(str(proc.pid))
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         timed_out = stopped = False
@@ -120,6 +139,7 @@ def run_caffe(
             if timed_out or stopped:
                 _terminate(proc)
         proc.wait()
+        pidfile.unlink(missing_ok=True)
         reader.join(timeout=5)
         while True:  # drain what arrived after we stopped reading
             try:

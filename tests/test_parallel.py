@@ -1,0 +1,134 @@
+"""Issue 8: several models in flight -- a local pool, and a real two-node Ray cluster."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import synthetic
+
+from metaqnn.config import agent_config_of, schedule_of, space_of
+from metaqnn.executors import LocalExecutor
+from metaqnn.search import Progress, search_loop
+from qagent.agent import Agent
+from qagent.store import ExperimentStore
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_local_pool_keeps_n_in_flight_and_trains_each_model_once(tmp_path):
+    cfg = synthetic.config()
+    lock = threading.Lock()
+    running, calls = Counter(), Counter()
+    peak = [0]
+
+    def train(p):
+        with lock:
+            running[p.arch] += 1
+            calls[p.arch] += 1
+            assert running[p.arch] == 1, "the same architecture is training twice at once"
+            peak[0] = max(peak[0], sum(running.values()))
+        time.sleep(random.uniform(0.001, 0.01))  # results arrive out of order
+        with lock:
+            running[p.arch] -= 1
+        return synthetic.synthetic_result(p.arch)
+
+    with ExperimentStore.open(tmp_path / "store.sqlite", cfg) as store:
+        agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+        executor = LocalExecutor(train, 4)
+        try:
+            search_loop(agent, store, executor, lambda p, _id: p, Progress(agent, store, lambda _m: None))
+        finally:
+            executor.close()
+        assert peak[0] == 4
+        assert set(calls.values()) == {1}  # every architecture trained exactly once
+        models = store.models()
+        assert len(models) == len(calls) and all(m.status in ("done", "failed") for m in models)
+        # in-flight models hold their place in the schedule: each epsilon gets exactly its quota
+        assert store.trained_per_epsilon() == {e: n for e, n in schedule_of(cfg).steps}
+        samples = list(store.samples())
+        assert [s["iteration"] for s in samples] == list(range(1, len(samples) + 1))
+
+
+def test_parallel_search_killed_and_resumed_loses_nothing(tmp_path):
+    path = tmp_path / "store.sqlite"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    kills = 0
+    for _ in range(30):
+        proc = subprocess.Popen([sys.executable, str(HERE / "synthetic.py"), str(path), "0.15", "4"], env=env)
+        time.sleep(random.Random(kills).uniform(0.6, 1.2))
+        if proc.poll() is not None:
+            assert proc.returncode == 0
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    synthetic.run(path, 0.0, 4)
+    assert kills >= 2
+    cfg = synthetic.config()
+    with ExperimentStore.open_readonly(path) as store:
+        models = store.models()
+        assert all(m.status in ("done", "failed") for m in models)  # nothing left running
+        assert all(m.reward == synthetic.synthetic_result(m.arch).best_accuracy or m.status == "failed" for m in models)
+        assert store.trained_per_epsilon() == {e: n for e, n in schedule_of(cfg).steps}
+
+
+def _netns_run(mode, exp, data):
+    """Run tests/ray_cluster.py in a fresh network namespace with only loopback (Ray traffic stays local)."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.fail("the Ray tests need root and iproute2 (`ip netns`) to isolate the cluster on loopback")
+    ns = f"metaqnn-ray-{os.getpid()}-{mode}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, str(HERE / "ray_cluster.py"), mode, str(exp), str(data)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_complete(result):
+    assert result["returncode"] == 0, result["output"]
+    models = result["models"]
+    assert len(models) == 8 and all(m["status"] in ("done", "failed") for m in models), models
+    assert len({m["arch"] for m in models}) == 8  # one row per architecture: nothing trained twice
+    fresh = [a for _, a, dup in result["samples"] if not dup]
+    assert sorted(fresh) == sorted(m["arch"] for m in models)  # each result applied exactly once
+
+
+def test_search_on_a_two_node_ray_cluster(tmp_path, digits_data):
+    data, _ = digits_data
+    result = _netns_run("search", tmp_path / "exp", data)
+    _check_complete(result)
+    nodes = {m["worker"].split("ray-node ")[-1] for m in result["models"] if "ray-node" in m["worker"]}
+    assert len(nodes) == 2, result["models"]  # both nodes trained models
+
+
+def test_a_killed_ray_worker_has_its_model_completed_exactly_once(tmp_path, digits_data):
+    data, _ = digits_data
+    exp = tmp_path / "exp"
+    result = _netns_run("kill", exp, data)
+    assert result["killed"] is not None, result["output"]
+    _check_complete(result)
+    folder = exp / "models" / result["killed"]["model"]
+    model = next(m for m in result["models"] if m["id"] == int(folder.name))
+    assert model["status"] in ("done", "failed")
+    state = json.loads((folder / "state.json").read_text())
+    assert state["runs"] >= 3  # the probe, the killed run, and the run Ray retried
+    retried = max(folder.glob("train*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "Resuming from" in retried and "Optimization Done" in retried  # continued from a snapshot
