@@ -45,6 +45,12 @@ def _gpus(args: argparse.Namespace) -> List[int]:
     from qagent.errors import ConfigError
 
     text = args.gpus if args.gpus is not None else ("" if args.gpu is None else str(args.gpu))
+    if text.strip() == "all":
+        if not args.ray and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(
+                "--gpus all needs a Ray cluster (--ray); on one machine list the GPU ids, e.g. --gpus 0,1"
+            )
+        return []
     try:
         return [int(g) for g in text.split(",") if g.strip()]
     except ValueError:
@@ -63,6 +69,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         gpus=_gpus(args),
         workers=args.workers,
         ray=args.ray or os.environ.get("RAY_ADDRESS") or None,
+        ray_gpus=(args.gpus or "").strip() == "all" or bool(_gpus(args)),
         cpus_per_trial=args.cpus_per_trial,
         timeout=args.timeout,
         max_models=args.max_models,
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the LMDBs are (default data/<dataset>)")
     p.add_argument("--source", help="folder with the dataset's release files (mnist, cifar10, svhn)")
     p.add_argument("--gpu", type=int, default=None, help="train on this GPU (default: CPU)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one training per GPU at a time")
+    p.add_argument("--gpus", default=None, help="GPU ids (0,1,...): one training per GPU at a time; 'all' on Ray")
     p.add_argument("--workers", type=int, default=1, help="trainings at once (CPU); default one per GPU")
     p.add_argument("--ray", default=None, help="address of a running Ray cluster (or set RAY_ADDRESS)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs reserved per CPU training")

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from data_prep.prepare import read_manifest
 from metaqnn.netspec import build_net
 from metaqnn.render import render_net, render_solver
-from metaqnn.search import STORE_NAME, default_data_dir, transform_of
+from metaqnn.search import STORE_NAME, default_data_dir, experiment_data_dir, transform_of
 from metaqnn.solverspec import load_protocol, solver_fields
 from qagent.arch import Layer, parse_architecture
 from qagent.errors import ConfigError
@@ -130,6 +130,7 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
         config = store.config()
         models = store.top_models(top)
+        data_dir = experiment_data_dir(store)
     if not models:
         raise ConfigError(f"experiment {exp_dir} has no trained model to export yet")
     rows = []
@@ -145,7 +146,7 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
             "best_iteration": m.metrics.get("best_iteration"),
             "dataset": config["dataset"]["name"],
         }
-        render_model(config, m.arch, folder, lr=m.metrics.get("learning_rate"), metadata=meta)
+        render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta)
         params = json.loads((folder / "metadata.json").read_text())["param_count"]
         rows.append(
             {

@@ -24,7 +24,7 @@ from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.caffe.schema import load_schema
 from metaqnn.export import export_top
-from metaqnn.search import STORE_NAME, default_data_dir
+from metaqnn.search import STORE_NAME, experiment_data_dir
 from qagent.errors import MetaQNNError
 from qagent.store import ExperimentStore
 
@@ -100,8 +100,7 @@ def _prob_net(folder: Path) -> Path:
 def ensemble(exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
     caffe = find_caffe()
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
-        config = store.config()
-    data_dir = default_data_dir(config)
+        data_dir = experiment_data_dir(store)
     labels = np.array([load_schema().Datum.FromString(v).label for _, v in iter_lmdb(data_dir / "test.lmdb")])
     n = len(labels)
     folders = [f for f in _exported(exp_dir, top) if (f / "finetune.json").exists()]

@@ -8,6 +8,7 @@ resumed (same RNG state, its snapshots) instead of being sampled anew.
 """
 
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ class SearchOptions:
     gpus: List[int] = field(default_factory=list)  # one training per GPU; empty = CPU
     workers: int = 1  # trainings in flight at once (default: one per GPU, else 1)
     ray: Optional[str] = None  # address of a running Ray cluster
+    ray_gpus: bool = False  # on Ray: one GPU per training (slots = the cluster's GPUs)
     cpus_per_trial: float = 1.0  # Ray CPU resources per CPU training
     timeout: Optional[float] = None
     max_models: Optional[int] = None  # stop after this many newly trained models (demos, tests)
@@ -48,6 +50,12 @@ def default_data_dir(config: Dict[str, Any]) -> Path:
 
 def default_exp_dir(name: str) -> Path:
     return PROJECT_ROOT / "experiments" / name
+
+
+def experiment_data_dir(store: ExperimentStore) -> Path:
+    """The data folder the experiment was searched with (export, finetune and ensemble use it too)."""
+    recorded = store.meta().get("data_dir")
+    return Path(recorded) if recorded else default_data_dir(store.config())
 
 
 def prep_options(config: Dict[str, Any]) -> PrepOptions:
@@ -82,29 +90,34 @@ def transform_of(config: Dict[str, Any]) -> Transform:
 
 
 class Progress:
-    """The live line: models done/total, epsilon, best and mean at this epsilon, current model, ETA."""
+    """The live line: models done/total, epsilon, best and mean at this epsilon, current model, ETA.
+
+    Statistics are computed on the search's own thread after each commit (the store's
+    connection belongs to it); ``show`` may be called from training threads and only reuses them.
+    On a terminal the line is redrawn in place; otherwise every event line carries it.
+    """
 
     def __init__(self, agent: Agent, store: ExperimentStore, log: Callable[[str], None]) -> None:
         self.agent, self.store, self.log = agent, store, log
         self.tty = sys.stdout.isatty()
         self.times: List[float] = []
+        self._lock = threading.Lock()
+        self._status = ""
+        self.refresh()
 
-    def line(self, current: str = "") -> str:
+    def refresh(self) -> None:
         done = sum(self.agent.trained_per_epsilon.values())
         total = self.agent.schedule.total
         eps = self.agent.epsilon
-        here = [
-            m.reward
-            for m in self.store.models()
-            if m.epsilon == eps and m.status in ("done", "failed") and m.reward is not None
-        ]
+        here = self.store.rewards_at(eps) if eps is not None else []
         stats = f"best {max(here):.4f} mean {sum(here) / len(here):.4f}" if here else "no models yet"
         eta = ""
         if self.times:
-            avg = sum(self.times[-20:]) / len(self.times[-20:])
-            eta = f" | ETA {_hms(avg * max(0, total - done))}"
+            recent = self.times[-20:]
+            per_model = sum(recent) / len(recent) / max(1, len(self.agent.in_flight))  # N train at once
+            eta = f" | ETA {_hms(per_model * max(0, total - done))}"
         eps_text = "done" if eps is None else f"{eps:g}"
-        return f"[{done}/{total}] eps {eps_text} ({stats}){eta}" + (f" | {current}" if current else "")
+        self._status = f"[{done}/{total}] eps {eps_text} ({stats}){eta}"
 
     def trainer(self, job: TrainJob) -> TrainResult:
         """Train locally, showing the epochs of this model on the live line."""
@@ -116,13 +129,18 @@ class Progress:
 
     def show(self, current: str = "") -> None:
         if self.tty:
-            sys.stdout.write("\r\033[K" + self.line(current))
-            sys.stdout.flush()
+            with self._lock:
+                sys.stdout.write("\r\033[K" + self._status + (f" | {current}" if current else ""))
+                sys.stdout.flush()
 
     def event(self, message: str) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K")
-        self.log(message)
+        self.refresh()
+        with self._lock:
+            if self.tty:
+                sys.stdout.write("\r\033[K")
+                self.log(message)
+            else:
+                self.log(f"{self._status} | {message}")
 
 
 def _hms(seconds: float) -> str:
@@ -131,16 +149,16 @@ def _hms(seconds: float) -> str:
 
 
 def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> Any:
-    slots = max(options.workers, len(options.gpus) or 1)
     if options.ray:
         return RayExecutor(
             run,
             options.ray,
-            slots=None if options.workers <= 1 and not options.gpus else slots,
-            use_gpu=bool(options.gpus),
+            slots=options.workers if options.workers > 1 else None,
+            use_gpu=options.ray_gpus,
             cpus_per_trial=options.cpus_per_trial,
         )
-    if slots == 1 and len(options.gpus) <= 1:
+    slots = max(options.workers, len(options.gpus) or 1)
+    if slots == 1:
         gpu = options.gpus[0] if options.gpus else None
         return InlineExecutor(lambda job: run(job if gpu is None else replace(job, gpu=gpu)))
     return LocalExecutor(run, slots, options.gpus)
@@ -153,6 +171,7 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
     protocol = load_protocol(config.get("protocol", {}).get("search", "search"))
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config) as store:
         manifest = ensure_data(config, options.data_dir, options.source, log)
+        store.set_meta("data_dir", str(options.data_dir.resolve()))
         agent = Agent(space, schedule_of(config), agent_config_of(config))
         store.load_agent(agent)
         progress = Progress(agent, store, log)

@@ -220,10 +220,11 @@ class Trainer:
                 and verdict[1] in ("timeout", "crashed")
                 and (verdict[1] == "timeout" or o.signal is not None)
             )
-            if not transient:
+            if verdict is None or not transient:
                 return o, verdict
-            self.progress(f"transient failure ({verdict[2]}), retrying")  # type: ignore[index]
-            snapshot = self._latest_solverstate(min_iter=(snapshot and self._iter_of(snapshot)) or 0) or snapshot
+            self.progress(f"transient failure ({verdict[2]}), retrying")
+            if snapshot is not None:  # continue from the newest snapshot since the one this run started from
+                snapshot = self._latest_solverstate(min_iter=self._iter_of(snapshot)) or snapshot
         return o, verdict
 
     @staticmethod

@@ -190,6 +190,14 @@ class ExperimentStore:
     def meta(self) -> Dict[str, str]:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Facts about where the experiment runs (e.g. its data folder), outside the frozen config."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
     def config(self) -> Dict[str, Any]:
         return json.loads(self.meta()["config"])
 
@@ -226,6 +234,13 @@ class ExperimentStore:
             "SELECT epsilon, COUNT(*) AS n FROM models WHERE status IN ('done', 'failed') GROUP BY epsilon"
         )
         return {r["epsilon"]: r["n"] for r in rows}
+
+    def rewards_at(self, epsilon: float) -> List[float]:
+        """Rewards of the unique models trained at one epsilon (for progress lines)."""
+        rows = self.conn.execute(
+            "SELECT reward FROM models WHERE epsilon = ? AND status IN ('done', 'failed')", (epsilon,)
+        )
+        return [r["reward"] for r in rows]
 
     def running(self) -> List[ModelRow]:
         return self.models("running")
