@@ -104,13 +104,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_prep.prepare import prepare
-    from metaqnn.search import default_data_dir, prep_options
+    from metaqnn.search import default_data_dir, prep_options, source_or_default
 
     config = _build_config(args)
     out = Path(args.data_dir) if args.data_dir else default_data_dir(config)
-    manifest = prepare(prep_options(config), out, Path(args.source) if args.source else None)
+    manifest = prepare(prep_options(config), out, Path(args.source) if args.source else source_or_default(config))
     for name, s in manifest["sets"].items():
         print(f"{name:10s} {s['count']:7d} images {s['shape']} {s['dtype']}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from data_prep.download import download
+    from metaqnn.search import default_source_dir
+
+    dest = Path(args.dest) if args.dest else default_source_dir(_build_config(args))
+    print(f"downloaded to {download(args.dataset, dest)}")
     return 0
 
 
@@ -224,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--data-dir")
     p.add_argument("--source")
+
+    p = add("download", cmd_download, "download a dataset's release files (checksums, resumable)")
+    _config_args(p)
+    p.add_argument("--dest", help="folder for the release files (default data/<dataset>/source)")
 
     add("caffe-info", cmd_caffe_info, "which caffe and which schema this project uses")
 

@@ -48,6 +48,16 @@ def default_data_dir(config: Dict[str, Any]) -> Path:
     return PROJECT_ROOT / "data" / str(config["dataset"]["name"])
 
 
+def default_source_dir(config: Dict[str, Any]) -> Path:
+    """Where `metaqnn download` puts a dataset's release files."""
+    return default_data_dir(config) / "source"
+
+
+def source_or_default(config: Dict[str, Any]) -> Optional[Path]:
+    d = default_source_dir(config)
+    return d if d.is_dir() else None
+
+
 def default_exp_dir(name: str) -> Path:
     return PROJECT_ROOT / "experiments" / name
 
@@ -170,7 +180,7 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
     space = space_of(config)
     protocol = load_protocol(config.get("protocol", {}).get("search", "search"))
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config) as store:
-        manifest = ensure_data(config, options.data_dir, options.source, log)
+        manifest = ensure_data(config, options.data_dir, options.source or source_or_default(config), log)
         store.set_meta("data_dir", str(options.data_dir.resolve()))
         agent = Agent(space, schedule_of(config), agent_config_of(config))
         store.load_agent(agent)

@@ -1,0 +1,175 @@
+"""Download the datasets' release files from their official locations: checksums, resume, progress.
+
+Each file is fetched into ``<name>.part`` (continued with an HTTP Range request after an
+interruption), checked against its published MD5, and only then renamed; CIFAR-10's archive is
+unpacked (its six .bin members only, never arbitrary paths).  A wrong checksum deletes the
+partial file and is an error naming the file.  (These development machines cannot reach the
+dataset hosts; the tests serve files from a loopback HTTP server.)
+"""
+
+import hashlib
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from data_prep.sources import DataError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    urls: Tuple[str, ...]  # mirrors, tried in order
+    md5: str
+    unpack: bool = False
+
+
+RESOURCES: Dict[str, Tuple[Resource, ...]] = {
+    "mnist": tuple(
+        Resource(
+            f, (f"http://yann.lecun.com/exdb/mnist/{f}", f"https://ossci-datasets.s3.amazonaws.com/mnist/{f}"), md5
+        )
+        for f, md5 in (
+            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        )
+    ),
+    "cifar10": (
+        Resource(
+            "cifar-10-binary.tar.gz",
+            ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
+            "c32a1d4ab5d03f1284b67883e8d87530",
+            unpack=True,
+        ),
+    ),
+    "svhn": tuple(
+        Resource(f, (f"http://ufldl.stanford.edu/housenumbers/{f}",), md5)
+        for f, md5 in (
+            ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+            ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+            ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"),
+        )
+    ),
+}
+
+
+def md5_of(path: Path) -> str:
+    h = hashlib.md5()  # the datasets publish MD5 checksums
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Bar:
+    """One self-overwriting progress line on stderr (a line per 10% when not a terminal)."""
+
+    def __init__(self, name: str, total: Optional[int], done: int) -> None:
+        self.name, self.total, self.start, self.t0 = name, total, done, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last_tenth = -1
+
+    def update(self, done: int) -> None:
+        rate = (done - self.start) / max(1e-6, time.monotonic() - self.t0) / 1e6
+        if self.total:
+            pct = 100 * done / self.total
+            text = f"{self.name}: {pct:5.1f}% {done / 1e6:.1f}/{self.total / 1e6:.1f} MB {rate:.1f} MB/s"
+            tenth = int(pct // 10)
+        else:
+            text, tenth = f"{self.name}: {done / 1e6:.1f} MB {rate:.1f} MB/s", self.last_tenth
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text)
+        elif tenth != self.last_tenth:
+            sys.stderr.write(text + "\n")
+        self.last_tenth = tenth
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def fetch(url: str, part: Path, timeout: float = 60.0) -> None:
+    """Append the rest of ``url`` to ``part`` (a Range request when part of it is already there)."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # already complete
+            return
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the range: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length else None
+        bar = _Bar(part.name.replace(".part", ""), total, have)
+        with open(part, "ab" if have else "wb") as out:
+            done = have
+            while True:
+                block = response.read(CHUNK)
+                if not block:
+                    break
+                out.write(block)
+                done += len(block)
+                bar.update(done)
+        bar.close()
+        if total is not None and done < total:
+            raise DataError(f"{url}: connection closed at {done} of {total} bytes (run again to resume)")
+
+
+def _unpack_cifar(archive: Path, dest: Path) -> None:
+    wanted = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in wanted]
+            if {Path(m.name).name for m in members} != wanted:
+                raise DataError(f"{archive}: does not hold the six CIFAR-10 .bin batches")
+            for m in members:
+                src = tar.extractfile(m)
+                assert src is not None
+                (dest / Path(m.name).name).write_bytes(src.read())
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{archive}: corrupt archive ({exc})") from None
+
+
+def download(
+    dataset: str, dest: Path, resources: Optional[Sequence[Resource]] = None, log: Callable[[str], None] = print
+) -> Path:
+    if resources is None:
+        if dataset not in RESOURCES:
+            raise DataError(f"nothing to download for {dataset!r}; downloadable: {', '.join(sorted(RESOURCES))}")
+        resources = RESOURCES[dataset]
+    dest.mkdir(parents=True, exist_ok=True)
+    for r in resources:
+        final = dest / r.name
+        if final.exists() and md5_of(final) == r.md5:
+            log(f"download: {r.name} present, checksum ok")
+        else:
+            part = dest / f"{r.name}.part"
+            errors = []
+            for url in r.urls:
+                try:
+                    fetch(url, part)
+                    break
+                except (urllib.error.URLError, OSError, DataError) as exc:
+                    errors.append(f"{url}: {exc}")
+            else:
+                raise DataError(f"could not download {r.name} (partial file kept for resuming): " + "; ".join(errors))
+            got = md5_of(part)
+            if got != r.md5:
+                part.unlink()
+                raise DataError(f"{r.name}: checksum mismatch (MD5 {got}, expected {r.md5}); the file was deleted")
+            part.rename(final)
+            log(f"download: {r.name} ok")
+        if r.unpack:
+            _unpack_cifar(final, dest)
+    return dest

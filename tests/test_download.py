@@ -1,0 +1,109 @@
+"""Issue 6: downloads -- checksums, resume after an interruption, clear errors (loopback server only)."""
+
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from typing import ClassVar, Dict, Set
+
+import pytest
+
+from data_prep.download import Resource, download
+from data_prep.sources import DataError
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves FILES; honours Range; the first request for a file breaks off after CUT bytes."""
+
+    FILES: ClassVar[Dict[str, bytes]] = {}
+    CUT = 0
+    seen: ClassVar[Set[str]] = set()
+
+    def do_GET(self):
+        body = self.FILES.get(self.path.lstrip("/"))
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.CUT and self.path not in self.seen:
+            self.seen.add(self.path)
+            self.wfile.write(body[start : self.CUT])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    RangeHandler.seen = set()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def md5(b):
+    return hashlib.md5(b).hexdigest()
+
+
+def test_interrupted_download_resumes_and_is_checked(server, tmp_path):
+    blob = bytes(range(256)) * 4000
+    RangeHandler.FILES = {"train_32x32.mat": blob}
+    RangeHandler.CUT = 300_000
+    res = [Resource("train_32x32.mat", (f"{server}/train_32x32.mat",), md5(blob))]
+    with pytest.raises(DataError, match="partial file kept for resuming"):
+        download("svhn", tmp_path, res, log=lambda _m: None)
+    assert (tmp_path / "train_32x32.mat.part").stat().st_size == 300_000
+    download("svhn", tmp_path, res, log=lambda _m: None)  # resumes with a Range request
+    assert (tmp_path / "train_32x32.mat").read_bytes() == blob and not (tmp_path / "train_32x32.mat.part").exists()
+    log = []
+    download("svhn", tmp_path, res, log=log.append)
+    assert log == ["download: train_32x32.mat present, checksum ok"]
+
+
+def test_checksum_mismatch_and_mirrors(server, tmp_path):
+    RangeHandler.FILES = {"a": b"good data"}
+    RangeHandler.CUT = 0
+    bad = [Resource("a", (f"{server}/a",), md5(b"other data"))]
+    with pytest.raises(DataError, match="a: checksum mismatch"):
+        download("mnist", tmp_path, bad, log=lambda _m: None)
+    assert not (tmp_path / "a.part").exists() and not (tmp_path / "a").exists()
+    mirrors = [Resource("a", (f"{server}/missing", f"{server}/a"), md5(b"good data"))]
+    download("mnist", tmp_path, mirrors, log=lambda _m: None)  # the first mirror 404s, the second serves
+    assert (tmp_path / "a").read_bytes() == b"good data"
+    with pytest.raises(DataError, match="nothing to download for 'digits'"):
+        download("digits", tmp_path)
+
+
+def test_cifar_archive_is_unpacked_safely(server, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin", "../evil.bin"]:
+            data = name.encode()
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}" if "evil" not in name else name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    RangeHandler.FILES = {"c.tgz": buf.getvalue()}
+    RangeHandler.CUT = 0
+    download(
+        "cifar10",
+        tmp_path / "src",
+        [Resource("c.tgz", (f"{server}/c.tgz",), md5(buf.getvalue()), unpack=True)],
+        log=lambda _m: None,
+    )
+    assert (tmp_path / "src" / "data_batch_3.bin").read_bytes() == b"data_batch_3.bin"
+    assert not (tmp_path / "evil.bin").exists()
