@@ -27,7 +27,7 @@ par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) 
 src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup venv caffe demo search status data report export finetune compare regenerate-check arch \
+.PHONY: setup venv caffe demo search status download data report export finetune ensemble compare regenerate-check arch \
         test lint typecheck py38 bench clean
 
 setup: venv caffe
@@ -54,6 +54,9 @@ search: setup
 
 status: venv
 	$(PY) -m metaqnn status $(if $(EXP),--exp $(EXP),--exp $(DATASET))
+
+download: venv
+	$(PY) -m metaqnn download --dataset $(DATASET)
 
 data: setup
 	$(PY) -m metaqnn prepare --dataset $(DATASET) $(src_arg) $(set_args)

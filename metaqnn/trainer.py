@@ -159,16 +159,18 @@ class Trainer:
         self._save_state()
         log = self.dir / f"{label}.log"
         best_iter: List[int] = []
-        seen = [0]
+        seen = {"tests": 0, "snapshots": 0}
 
         def on_line(st: LogState) -> None:
-            if len(st.test_rows) != seen[0]:
-                seen[0] = len(st.test_rows)
+            if len(st.test_rows) != seen["tests"]:
+                seen["tests"] = len(st.test_rows)
                 row = st.test_rows[-1]
                 acc = row.get(ACCURACY)
                 if acc is not None:
                     self.progress(f"epoch {int(row['NumIters']) // self.ipe} acc {acc:.4f}")
-            if st.snapshots and len(st.snapshots) % 2 == 0:
+            # a snapshot is two lines (weights, then solver state): prune once the pair is written
+            if len(st.snapshots) != seen["snapshots"] and len(st.snapshots) % 2 == 0:
+                seen["snapshots"] = len(st.snapshots)
                 best = st.best_test(ACCURACY)
                 if best is not None:
                     best_iter[:] = [best[0]]

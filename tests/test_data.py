@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from data_prep import lmdb_writer
 from data_prep.lmdb_writer import check_lmdb, iter_lmdb, write_lmdb
 from data_prep.prepare import PrepOptions, prepare
-from data_prep.sources import CIFAR_RECORD, DataError, read_cifar_bin, read_svhn_mat
+from data_prep.sources import CIFAR_RECORD, DataError, read_cifar_bin, read_digits, read_svhn_mat
 from data_prep.split import stratified_split
 from metaqnn.caffe.schema import load_schema
 
@@ -193,3 +193,25 @@ def test_corrupt_gzip_and_cifar_and_svhn(tmp_path):
     (tmp_path / "bad.mat").write_bytes(b"MATLAB 5.0 nonsense")
     with pytest.raises(DataError, match=r"bad\.mat: not a readable SVHN \.mat file"):
         read_svhn_mat(tmp_path / "bad.mat")
+
+
+@pytest.mark.parametrize("method", ["mean", "lcn", "zca"])
+def test_float_preprocessing_options(tmp_path, method):
+    manifest = prepare(PrepOptions("digits", validation_size=300, preprocess=method), tmp_path, log=lambda _m: None)
+    datum = load_schema().Datum
+    rows = [np.array(datum.FromString(v).float_data) for _, v in records(tmp_path / "train.lmdb")]
+    x = np.stack(rows)
+    assert manifest["sets"]["train"]["dtype"] == "float32" and x.shape == (1197, 64) and np.isfinite(x).all()
+    if method == "mean":  # fitted on the exploration training set: its per-pixel mean is zero
+        assert np.abs(x.mean(axis=0)).max() < 1e-3
+    elif method == "zca":  # whitening (regularised, eps 0.1) at least halves the mean pixel correlation
+        raw = read_digits().sets["train"].images.reshape(-1, 64).astype(float)
+        assert _mean_abs_correlation(x) < 0.5 * _mean_abs_correlation(raw)
+    else:  # local contrast normalisation: zero local mean, so each image is centred
+        assert np.abs(x.mean(axis=1)).max() < 0.5
+
+
+def _mean_abs_correlation(a):
+    live = a.std(axis=0) > 1e-6  # constant border pixels have no correlation
+    c = np.corrcoef(a[:, live], rowvar=False)
+    return np.abs(c - np.diag(np.diag(c))).mean()
