@@ -89,6 +89,11 @@ def _transform_fields(t: Transform, train: bool) -> Tuple[Tuple[str, object], ..
     return tuple(fields)
 
 
+def _data_layer(phase: str, source: str, batch: int, transform: Tuple[Tuple[str, object], ...]) -> CaffeLayer:
+    params = (("source", source), ("batch_size", batch), ("backend", "LMDB"))
+    return CaffeLayer("data", "data", "Data", (), ("data", "label"), params, phase=phase, transform=transform)
+
+
 def build_net(
     layers: Sequence[Layer],
     *,
@@ -113,30 +118,8 @@ def build_net(
 
     spec = NetSpec()
     add = spec.layers.append
-    add(
-        CaffeLayer(
-            "data",
-            "data",
-            "Data",
-            (),
-            ("data", "label"),
-            phase="TRAIN",
-            transform=_transform_fields(transform, True),
-            params=(("source", train_source), ("batch_size", train_batch), ("backend", "LMDB")),
-        )
-    )
-    add(
-        CaffeLayer(
-            "data",
-            "data",
-            "Data",
-            (),
-            ("data", "label"),
-            phase="TEST",
-            transform=_transform_fields(transform, False),
-            params=(("source", test_source), ("batch_size", test_batch), ("backend", "LMDB")),
-        )
-    )
+    for phase, source, batch in (("TRAIN", train_source, train_batch), ("TEST", test_source, test_batch)):
+        add(_data_layer(phase, source, batch, _transform_fields(transform, phase == "TRAIN")))
     counts: Dict[str, int] = {}
 
     def name(kind: str) -> str:
