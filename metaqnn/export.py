@@ -86,9 +86,15 @@ def finetune_solver_text(
 
 
 def search_solver_text(
-    config: Dict[str, Any], net: str = "net.prototxt", lr: Optional[float] = None, data_dir: Optional[Path] = None
+    config: Dict[str, Any],
+    net: str = "net.prototxt",
+    lr: Optional[float] = None,
+    data_dir: Optional[Path] = None,
+    seed: Optional[int] = None,
 ) -> str:
-    proto = _overridden(config["protocol"]["search"], {"base_lr": lr} if lr else None)
+    """The search protocol at the rate that passed the restarts (and the model's Caffe seed, if known)."""
+    overrides = {k: v for k, v in (("base_lr", lr), ("random_seed", seed)) if v is not None}
+    proto = _overridden(config["protocol"]["search"], overrides)
     sizes = dataset_sizes(config, data_dir)
     return render_solver(
         solver_fields(
@@ -111,7 +117,9 @@ def render_model(
     files = {
         "net.prototxt": render_net(spec),
         "finetune_net.prototxt": net_text(config, layers, True, manifest_dir),
-        "solver_search.prototxt": search_solver_text(config, "net.prototxt", lr, manifest_dir),
+        "solver_search.prototxt": search_solver_text(
+            config, "net.prototxt", lr, manifest_dir, (metadata or {}).get("caffe_seed")
+        ),
         "solver_finetune.prototxt": finetune_solver_text(config, "finetune_net.prototxt", None, manifest_dir),
         "arch.txt": arch + "\n",
         "metadata.json": json.dumps(
@@ -144,6 +152,7 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
             "learning_rate": m.metrics.get("learning_rate"),
             "restarts": m.metrics.get("restarts"),
             "best_iteration": m.metrics.get("best_iteration"),
+            "caffe_seed": m.metrics.get("caffe_seed"),
             "dataset": config["dataset"]["name"],
         }
         render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta)

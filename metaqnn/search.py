@@ -21,7 +21,7 @@ from metaqnn.config import PROJECT_ROOT, agent_config_of, schedule_of, space_of
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
 from metaqnn.netspec import Transform
 from metaqnn.solverspec import load_protocol
-from metaqnn.trainer import DataMissingError, Trainer, TrainJob, TrainResult
+from metaqnn.trainer import DataMissingError, Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
 from qagent.arch import parse_architecture
 from qagent.store import ExperimentStore
@@ -203,6 +203,7 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
                 transform=transform_of(config),
                 dropout=config.get("render", {}).get("dropout", "paper"),
                 timeout=options.timeout,
+                seed=caffe_seed(agent.config.seed, p.arch),
             )
 
         executor = make_executor(options, train_job if options.ray else progress.trainer)

@@ -14,6 +14,7 @@ the pruned snapshots; ``state.json`` lets a crashed search resume a half-trained
 model from its last snapshot.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,12 @@ from qagent.errors import MetaQNNError
 
 ACCURACY = "Accuracy1"
 _SNAP_ITER = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
+
+
+def caffe_seed(seed: int, arch: str) -> int:
+    """Caffe's random_seed for one model: a pure function of the experiment seed and the architecture."""
+    digest = hashlib.sha256(f"{seed}|{arch}".encode()).hexdigest()
+    return int(digest[:8], 16) % (2**31 - 1)
 
 
 class DataMissingError(MetaQNNError):
@@ -58,6 +65,7 @@ class TrainJob:
     gpu: Optional[int] = None
     timeout: Optional[float] = None
     retries: int = 1  # extra attempts for transient failures (timeout, killed by a signal)
+    seed: Optional[int] = None  # Caffe's random_seed (weight fillers, dropout): CPU training is then repeatable
 
 
 @dataclass
@@ -76,6 +84,7 @@ class TrainResult:
     images_per_sec: Optional[float] = None
     param_count: int = 0
     worker: str = ""  # host:pid (and Ray node) that trained it
+    caffe_seed: Optional[int] = None
 
     def metrics(self) -> Dict[str, Any]:
         return asdict(self)
@@ -132,7 +141,7 @@ class Trainer:
         tmp.replace(self.dir / "state.json")
 
     def _write_solver(self, name: str, lr: float, epochs: int) -> Path:
-        proto = self.job.protocol.with_overrides(base_lr=lr)
+        proto = self.job.protocol.with_overrides(base_lr=lr, random_seed=self.job.seed)
         if self.job.gpu is not None:
             proto = proto.with_overrides(solver_mode="GPU")
         fields = solver_fields(
@@ -262,6 +271,7 @@ class Trainer:
         (self.dir / "net.prototxt").write_text(render_net(spec))
         result = self._protocol()
         result.param_count = spec.param_count
+        result.caffe_seed = job.seed
         result.worker = f"{socket.gethostname()}:{os.getpid()}"
         result.wall_time = time.monotonic() - t0
         result.caffe_time = self.caffe_time
