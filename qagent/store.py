@@ -254,7 +254,6 @@ class ExperimentStore:
             values.frombytes(r["q"])
             q.load_row(State.from_key(r["state"]), values)
         self._persisted_states = len(q)
-        q.dirty = set()
         for m in self.models():
             if m.status in TRAINED:
                 agent.rewards[m.arch] = m.reward  # type: ignore[assignment]
@@ -270,7 +269,8 @@ class ExperimentStore:
             if enc is None:
                 enc = encodings[s["arch"]] = agent.encode(s["arch"])
             agent.replay.append((enc, s["reward"]))
-        q.dirty = {sid for sid in range(self._persisted_states, len(q))}
+        # Rows read back are clean; only states first seen while re-encoding would need writing.
+        q.dirty = set(range(self._persisted_states, len(q)))
         r = self.conn.execute("SELECT rng FROM agent WHERE id = 0").fetchone()
         if r is not None:
             agent.set_rng_state(json.loads(r["rng"]))
