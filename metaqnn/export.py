@@ -70,19 +70,32 @@ def _overridden(name: str, overrides: Optional[Dict[str, Any]]) -> Any:
     return proto.with_overrides(**overrides) if overrides else proto
 
 
+def _solver_text(
+    config: Dict[str, Any], role: str, net: str, overrides: Optional[Dict[str, Any]], data_dir: Optional[Path]
+) -> str:
+    """The preset's ``role`` protocol (search | finetune) for this dataset's sizes.
+
+    The search protocol tests the whole validation set; finetuning rounds test_iter down, as published.
+    """
+    proto = _overridden(config["protocol"][role], overrides)
+    sizes = dataset_sizes(config, data_dir)
+    fields = solver_fields(
+        proto,
+        net=net,
+        train_size=sizes[proto.train_set],
+        test_size=sizes[proto.test_set],
+        whole_test_set=role == "search",
+    )
+    return render_solver(fields)
+
+
 def finetune_solver_text(
     config: Dict[str, Any],
     net: str = "finetune_net.prototxt",
     protocol_overrides: Optional[Dict[str, Any]] = None,
     data_dir: Optional[Path] = None,
 ) -> str:
-    proto = _overridden(config["protocol"]["finetune"], protocol_overrides)
-    sizes = dataset_sizes(config, data_dir)
-    return render_solver(
-        solver_fields(
-            proto, net=net, train_size=sizes[proto.train_set], test_size=sizes[proto.test_set], whole_test_set=False
-        )
-    )
+    return _solver_text(config, "finetune", net, protocol_overrides, data_dir)
 
 
 def search_solver_text(
@@ -94,13 +107,7 @@ def search_solver_text(
 ) -> str:
     """The search protocol at the rate that passed the restarts (and the model's Caffe seed, if known)."""
     overrides = {k: v for k, v in (("base_lr", lr), ("random_seed", seed)) if v is not None}
-    proto = _overridden(config["protocol"]["search"], overrides)
-    sizes = dataset_sizes(config, data_dir)
-    return render_solver(
-        solver_fields(
-            proto, net=net, train_size=sizes[proto.train_set], test_size=sizes[proto.test_set], whole_test_set=True
-        )
-    )
+    return _solver_text(config, "search", net, overrides, data_dir)
 
 
 def render_model(

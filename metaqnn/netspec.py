@@ -133,29 +133,23 @@ def build_net(
     def relu_on(top: str) -> None:
         add(CaffeLayer("relu", name("ReLU"), "ReLU", (top,), (top,)))
 
+    def conv_relu(bottom: str, fields: Tuple[Tuple[str, object], ...]) -> str:
+        top = name("Convolution")
+        add(CaffeLayer("conv", top, "Convolution", (bottom,), (top,), fields, filler=True))
+        relu_on(top)
+        return top
+
     for i, layer in enumerate(hidden):
         if isinstance(layer, Conv):
-            top = name("Convolution")
-            pad = layer.size // 2
-            add(
-                CaffeLayer(
-                    "conv",
-                    top,
-                    "Convolution",
-                    (blob,),
-                    (top,),
-                    filler=True,
-                    params=(
-                        ("num_output", layer.filters),
-                        ("pad", pad),
-                        ("kernel_size", layer.size),
-                        ("stride", layer.stride),
-                    ),
-                )
+            fields = (
+                ("num_output", layer.filters),
+                ("pad", layer.size // 2),
+                ("kernel_size", layer.size),
+                ("stride", layer.stride),
             )
+            top = conv_relu(blob, fields)
             params += layer.filters * (depth * layer.size * layer.size + 1)
             size, depth = conv_output(size, layer.size, layer.stride), layer.filters
-            relu_on(top)
         elif isinstance(layer, Pool):
             top = name("Pooling")
             add(
@@ -185,23 +179,10 @@ def build_net(
             top = name("Dropout")
             add(CaffeLayer("dropout", top, "Dropout", (blob,), (top,), params=(("dropout_ratio", ratios[i]),)))
             blob = top
-    if gap:
-        top = name("Convolution")
-        add(
-            CaffeLayer(
-                "conv",
-                top,
-                "Convolution",
-                (blob,),
-                (top,),
-                filler=True,
-                params=(("num_output", num_classes), ("kernel_size", 1)),
-            )
-        )
+    if gap:  # as the published nets: 1x1 conv to the classes (no pad/stride lines), ReLU, AVE pool
+        blob = conv_relu(blob, (("num_output", num_classes), ("kernel_size", 1)))
         params += num_classes * (depth + 1)
         depth = num_classes
-        relu_on(top)
-        blob = top
         top = name("Pooling")
         add(CaffeLayer("pool", top, "Pooling", (blob,), (top,), params=(("pool", "AVE"), ("kernel_size", size))))
         size = 1

@@ -6,7 +6,7 @@ resumed search cannot disagree with its own history.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 from qagent.errors import ConfigError
 
@@ -60,11 +60,3 @@ class EpsilonSchedule:
             if trained_per_epsilon.get(eps, 0) < n:
                 return eps
         return None
-
-    def progress(self, trained_per_epsilon: Mapping[float, int]) -> Dict[str, float]:
-        done = sum(min(trained_per_epsilon.get(e, 0), n) for e, n in self.steps)
-        return {"done": done, "total": self.total}
-
-    def scaled(self, factor: float) -> "EpsilonSchedule":
-        """The same shape with every count multiplied (at least 1 model per epsilon)."""
-        return EpsilonSchedule(tuple((e, max(1, round(n * factor))) for e, n in self.steps))

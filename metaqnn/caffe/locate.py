@@ -72,13 +72,6 @@ class CaffeInstall:
         proc = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True, timeout=60, check=False)
         return (proc.stdout + proc.stderr).strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
 
-    def supports_gpu(self) -> bool:
-        """A CPU_ONLY build reports 'Cannot use GPU' for device_query; so does a machine with no GPU."""
-        proc = subprocess.run(
-            [str(self.binary), "device_query", "--gpu", "0"], capture_output=True, text=True, timeout=60, check=False
-        )
-        return proc.returncode == 0
-
 
 def default_prefix() -> Path:
     return Path(os.environ.get("METAQNN_CAFFE_PREFIX") or PROJECT_ROOT / ".deps" / "caffe")
