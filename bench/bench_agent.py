@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metaqnn.config import agent_config_of, build_config, schedule_of, space_of
+from metaqnn.config import build_config
 from qagent.agent import Agent
 from qagent.store import ExperimentStore
 
@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--preset", default="svhn")
     args = ap.parse_args()
     cfg = build_config(args.preset)
-    agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    agent = Agent(cfg.space, cfg.schedule, cfg.agent)
     total_models = agent.schedule.total
     marks = []  # time at each new unique model
     iter_marks = []  # (time, transitions replayed so far) at each iteration
-    with tempfile.TemporaryDirectory() as tmp, ExperimentStore.open(Path(tmp) / "store.sqlite", cfg) as store:
+    with tempfile.TemporaryDirectory() as tmp, ExperimentStore.open(Path(tmp) / "store.sqlite", cfg.to_dict()) as store:
         t0 = time.perf_counter()
         iterations = 0
         while not agent.done:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metaqnn.config import agent_config_of, build_config, schedule_of, space_of
+from metaqnn.config import build_config
 from metaqnn.executors import LocalExecutor
 from metaqnn.search import Progress, search_loop
 from metaqnn.trainer import TrainResult
@@ -53,8 +53,8 @@ def run(slots: int, sleep: float) -> None:
             busy[0] += time.perf_counter() - t
         return TrainResult("done", best_accuracy=0.1 + (hash(p.arch) % 850) / 1000)
 
-    with tempfile.TemporaryDirectory() as tmp, ExperimentStore.open(Path(tmp) / "s.sqlite", cfg) as store:
-        agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    with tempfile.TemporaryDirectory() as tmp, ExperimentStore.open(Path(tmp) / "s.sqlite", cfg.to_dict()) as store:
+        agent = Agent(cfg.space, cfg.schedule, cfg.agent)
         ex = TimedExecutor(train, slots)
         t0 = time.perf_counter()
         search_loop(agent, store, ex, lambda p, _id: p, Progress(agent, store, lambda _m: None))

@@ -141,7 +141,8 @@ def quick_check_lmdb(path: Path, expected_count: int) -> None:
         raise DataError(f"{path}: corrupt LMDB ({exc})") from None
     if entries != expected_count:
         raise DataError(f"{path}: {entries} records, the manifest says {expected_count}")
+    datum_cls = load_schema().Datum  # a missing schema is reported as such, not as bad data
     try:
-        load_schema().Datum.FromString(first[1] if first else b"\xff")
+        datum_cls.FromString(first[1] if first else b"\xff")
     except Exception:
         raise DataError(f"{path}: first record is not a valid Datum") from None

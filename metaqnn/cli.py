@@ -9,9 +9,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional
 
-from qagent.errors import MetaQNNError
+from qagent.errors import MetaQNNError, quote
+
+if TYPE_CHECKING:
+    from metaqnn.config import Config
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -24,13 +27,44 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a preset value (TOML syntax), e.g. --set space.max_depth=8",
     )
-    p.add_argument("--seed", type=int, default=None, help="the one seed of the agent (default: the preset's)")
+    p.add_argument(
+        "--seed", type=NON_NEGATIVE_INT, default=None, help="the one seed of the agent (default: the preset's)"
+    )
 
 
-def _build_config(args: argparse.Namespace) -> Dict[str, object]:
+def _build_config(args: argparse.Namespace) -> "Config":
     from metaqnn.config import build_config
 
     return build_config(args.dataset, args.overrides, args.seed)
+
+
+def _bounded(kind: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` parsed and at least ``low``, else a one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} expected, got {quote(text)}") from None
+        if value != value or value < low:  # NaN, or below the bound
+            raise argparse.ArgumentTypeError(f"{what} expected, got {quote(text)}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1, "a positive integer")
+NON_NEGATIVE_INT = _bounded(int, 0, "an integer >= 0")
+POSITIVE_SECONDS = _bounded(float, 1e-3, "a positive number of seconds")
+POSITIVE_NUMBER = _bounded(float, 1e-6, "a positive number")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (exit status 2)."""
+
+    def error(self, message: str) -> "NoReturn":
+        print(f"error: {self.prog}: {message[:300]} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _exp_dir(args: argparse.Namespace, default: str) -> Path:
@@ -52,20 +86,22 @@ def _gpus(args: argparse.Namespace) -> List[int]:
             )
         return []
     try:
-        return [int(g) for g in text.split(",") if g.strip()]
+        ids = [int(g) for g in text.split(",") if g.strip()]
     except ValueError:
-        raise ConfigError(f"--gpus must be a comma-separated list of GPU ids, got {text!r}") from None
+        raise ConfigError(f"--gpus must be a comma-separated list of GPU ids, got {quote(text)}") from None
+    if any(g < 0 for g in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpus must list distinct GPU ids >= 0, got {quote(text)}")
+    return ids
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from metaqnn.search import SearchOptions, default_data_dir, format_summary, run_search
 
     config = _build_config(args)
-    name = str(config["dataset"]["name"])  # type: ignore[index]
     opts = SearchOptions(
-        exp_dir=_exp_dir(args, name),
-        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(config),
-        source=Path(args.source) if args.source else None,
+        exp_dir=_exp_dir(args, config.name),
+        data_dir=Path(args.data_dir).resolve() if args.data_dir else default_data_dir(config),
+        source=Path(args.source).resolve() if args.source else None,
         gpus=_gpus(args),
         workers=args.workers,
         ray=args.ray or os.environ.get("RAY_ADDRESS") or None,
@@ -73,6 +109,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial,
         timeout=args.timeout,
         max_models=args.max_models,
+        max_same_failures=args.max_same_failures,
     )
     result = run_search(config, opts)
     print(format_summary(result))
@@ -80,20 +117,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from metaqnn.search import STORE_NAME, format_summary, summary
+    from metaqnn.search import STORE_NAME, experiment_config, format_summary, summary
     from qagent.store import ExperimentStore
 
     exp = _exp_dir(args, "digits")
     with ExperimentStore.open_readonly(exp / STORE_NAME) as store:
-        cfg = store.config()
-        from metaqnn.config import schedule_of
-
-        schedule = schedule_of(cfg)
+        cfg = experiment_config(store)
+        schedule = cfg.schedule
         counts = store.trained_per_epsilon()
         eps = schedule.current(counts)
         done = sum(min(counts.get(e, 0), n) for e, n in schedule.steps)
         print(
-            f"experiment {exp} ({cfg['dataset']['name']}): {done}/{schedule.total} unique models trained, "
+            f"experiment {exp} ({cfg.name}): {done}/{schedule.total} unique models trained, "
             f"epsilon {'complete' if eps is None else eps}"
         )
         for m in store.running():
@@ -107,8 +142,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from metaqnn.search import default_data_dir, prep_options, source_or_default
 
     config = _build_config(args)
-    out = Path(args.data_dir) if args.data_dir else default_data_dir(config)
-    manifest = prepare(prep_options(config), out, Path(args.source) if args.source else source_or_default(config))
+    out = Path(args.data_dir).resolve() if args.data_dir else default_data_dir(config)
+    source = Path(args.source).resolve() if args.source else source_or_default(config)
+    manifest = prepare(prep_options(config), out, source)
     for name, s in manifest["sets"].items():
         print(f"{name:10s} {s['count']:7d} images {s['shape']} {s['dtype']}")
     return 0
@@ -139,7 +175,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     config = _build_config(args)
     out = Path(args.out)
-    files = render_model(config, args.arch, out, manifest_dir=Path(args.data_dir) if args.data_dir else None)
+    files = render_model(
+        config,
+        args.arch,
+        out,
+        manifest_dir=Path(args.data_dir).resolve() if args.data_dir else None,
+        off_space=args.off_space,
+    )
     for f in files:
         print(f)
     return 0
@@ -205,11 +247,11 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metaqnn", description=__doc__)
+    parser = _Parser(prog="metaqnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
         return p
 
@@ -218,13 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp", help="experiment name (experiments/<name>) or a path; default: the dataset name")
     p.add_argument("--data-dir", help="where the LMDBs are (default data/<dataset>)")
     p.add_argument("--source", help="folder with the dataset's release files (mnist, cifar10, svhn)")
-    p.add_argument("--gpu", type=int, default=None, help="train on this GPU (default: CPU)")
+    p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None, help="train on this GPU (default: CPU)")
     p.add_argument("--gpus", default=None, help="GPU ids (0,1,...): one training per GPU at a time; 'all' on Ray")
-    p.add_argument("--workers", type=int, default=1, help="trainings at once (CPU); default one per GPU")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1, help="trainings at once (CPU); default one per GPU")
     p.add_argument("--ray", default=None, help="address of a running Ray cluster (or set RAY_ADDRESS)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs reserved per CPU training")
-    p.add_argument("--timeout", type=float, default=None, help="wall-clock limit per caffe run, seconds")
-    p.add_argument("--max-models", type=int, default=None, help="stop after training this many new models")
+    p.add_argument("--cpus-per-trial", type=POSITIVE_NUMBER, default=1.0, help="Ray CPUs reserved per CPU training")
+    p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per caffe run, seconds")
+    p.add_argument("--max-models", type=POSITIVE_INT, default=None, help="stop after training this many new models")
+    p.add_argument(
+        "--max-same-failures",
+        type=POSITIVE_INT,
+        default=8,
+        help="stop the search when this many models in a row fail the same way (a broken set-up)",
+    )
 
     p = add("status", cmd_status, "progress of a running or finished search (read-only)")
     p.add_argument("--exp", help="experiment name or path")
@@ -245,10 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, help="e.g. '[C(64,3,1), P(2,2), SM(10)]'")
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir", help="take dataset sizes from this manifest (default: the paper's sizes)")
+    p.add_argument(
+        "--off-space",
+        action="store_true",
+        help="render an architecture the preset's state space does not allow (default: refuse it)",
+    )
 
     p = add("export", cmd_export, "write the top-K models of an experiment")
     p.add_argument("--exp", help="experiment name or path")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=POSITIVE_INT, default=10)
     p.add_argument("--out")
 
     p = add("compare", cmd_compare, "semantic diff of two nets or two solvers (exit 0 when equal)")
@@ -272,14 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("finetune", cmd_finetune, "train the top-K models with the finetune protocol, evaluate on test")
     p.add_argument("--exp", help="experiment name or path")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--gpu", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="wall-clock limit per model, seconds")
+    p.add_argument("--top", type=POSITIVE_INT, default=10)
+    p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
+    p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per model, seconds")
 
     p = add("ensemble", cmd_ensemble, "average the softmax outputs of the top-K finetuned models on test")
     p.add_argument("--exp", help="experiment name or path")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--gpu", type=int, default=None)
+    p.add_argument("--top", type=POSITIVE_INT, default=5)
+    p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
 
     p = add("report", cmd_report, "figures (Fig. 3, A2, A3, A4) and a markdown page for an experiment")
     p.add_argument("--exp", help="experiment name or path")
@@ -292,7 +345,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.fn(args))
     except MetaQNNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        text = " ".join(str(exc).split("\n"))  # one line, always
+        print(f"error: {text if len(text) <= 1000 else text[:980] + ' ...'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: caffe stopped; rerun the same command to resume", file=sys.stderr)

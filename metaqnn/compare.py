@@ -6,13 +6,19 @@ is reported is every differing layer field or solver field, in order.
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 from google.protobuf import json_format, text_format
 
 from metaqnn.caffe.schema import load_schema
 from qagent.arch import FC, GAP, Conv, Layer, Pool, Softmax, format_architecture
 from qagent.errors import MetaQNNError
+
+if TYPE_CHECKING:
+    from metaqnn.config import Config
+
+# Layers a MetaQNN net is made of besides C/P/FC/GAP/SM; anything else is not one of its nets.
+_PASSIVE_LAYERS = {"Data", "Input", "ReLU", "Dropout", "Accuracy", "SoftmaxWithLoss", "Softmax"}
 
 PATH_FIELDS_NET = {("data_param", "source"), ("transform_param", "mean_file"), ("image_data_param", "source")}
 PATH_FIELDS_SOLVER = {"net", "train_net", "test_net"}
@@ -26,9 +32,13 @@ def load_caffe_file(path: Path) -> Tuple[str, Any]:
     """('net' | 'solver', message) -- a file that is neither is an error naming the parser's complaint."""
     pb = load_schema()
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CompareError(f"{path} is not a text prototxt (it holds binary data)") from None
+    except IsADirectoryError:
+        raise CompareError(f"{path} is a directory, not a prototxt") from None
     except OSError as exc:
-        raise CompareError(f"cannot read {path}: {exc}") from None
+        raise CompareError(f"cannot read {path}: {exc.strerror or exc}") from None
     errors = []
     for kind, cls in (("net", pb.NetParameter), ("solver", pb.SolverParameter)):
         msg = cls()
@@ -136,6 +146,11 @@ def architecture_from_net(net: Any) -> Tuple[Layer, ...]:
         elif x.type == "InnerProduct":
             n = int(x.inner_product_param.num_output)
             out.append(Softmax(n) if i == last_ip else FC(n))
+        elif x.type not in _PASSIVE_LAYERS:
+            raise CompareError(
+                f"layer {x.name!r} has type {x.type!r}, which no MetaQNN net contains "
+                "(only Convolution, Pooling, InnerProduct, ReLU, Dropout, data and loss layers)"
+            )
         i += 1
     return tuple(out)
 
@@ -147,7 +162,7 @@ def architecture_of_net(path: Path) -> str:
     return format_architecture(architecture_from_net(msg))
 
 
-def regenerate_check(path: Path, config: Dict[str, Any], overrides: Sequence[str] = ()) -> Tuple[bool, str]:
+def regenerate_check(path: Path, config: "Config", overrides: Sequence[str] = ()) -> Tuple[bool, str]:
     """Recover the architecture (net) or take the protocol (solver), render with the preset, compare."""
     from metaqnn.export import finetune_solver_text, net_text
 
@@ -166,7 +181,7 @@ def regenerate_check(path: Path, config: Dict[str, Any], overrides: Sequence[str
     text_format.Parse(text, regenerated)
     lines = diff_messages(kind, regenerated, original, ignore_paths=True)
     if not lines:
-        return True, head + f"equal: {path} regenerated from the {config['dataset']['name']} preset (paths ignored)"
+        return True, head + f"equal: {path} regenerated from the {config.name} preset (paths ignored)"
     return False, head + f"different: regenerated (left) vs {path} (right)\n" + "\n".join(lines)
 
 

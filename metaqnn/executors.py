@@ -41,7 +41,10 @@ class InlineExecutor:
     def wait_any(self) -> List[Tuple[str, Outcome]]:
         key = next(iter(self._queue))
         job = self._queue.pop(key)
-        return [(key, self._run(job))]  # exceptions propagate: nothing else is in flight
+        try:
+            return [(key, self._run(job))]
+        except Exception as exc:  # handed back like the other executors do; Ctrl-C propagates
+            return [(key, exc)]
 
     def close(self) -> None:
         self._queue.clear()

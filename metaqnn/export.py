@@ -14,70 +14,66 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from data_prep.prepare import read_manifest
+from metaqnn.config import Config
 from metaqnn.netspec import build_net
 from metaqnn.render import render_net, render_solver
-from metaqnn.search import STORE_NAME, default_data_dir, experiment_data_dir, transform_of
-from metaqnn.solverspec import load_protocol, solver_fields
+from metaqnn.search import STORE_NAME, default_data_dir, experiment_config, experiment_data_dir
+from metaqnn.solverspec import Protocol, solver_fields
 from qagent.arch import Layer, parse_architecture
 from qagent.errors import ConfigError
+from qagent.space import trajectory_of
 from qagent.store import ExperimentStore
 
 
-def dataset_sizes(config: Dict[str, Any], data_dir: Optional[Path] = None) -> Dict[str, int]:
+def dataset_sizes(config: Config, data_dir: Optional[Path] = None) -> Dict[str, int]:
     """Set sizes from the prepared manifest, else from the preset's release sizes (paper numbers)."""
     manifest = read_manifest(data_dir or default_data_dir(config))
     if manifest is not None:
         return {name: int(s["count"]) for name, s in manifest["sets"].items()}
-    rel = config["dataset"].get("release_sizes")
-    if not rel:
-        raise ConfigError(f"no prepared data for {config['dataset']['name']} and no release_sizes in the preset")
-    val = int(config["dataset"].get("validation_size", 5000))
-    return {
-        "train": int(rel["train"]) - val,
-        "val": val,
-        "train_full": int(rel["train"]) + int(rel.get("extra", 0)),
-        "test": int(rel["test"]),
-    }
+    rel = config.dataset.release_sizes
+    if rel is None:
+        raise ConfigError(f"no prepared data for {config.name} and no release_sizes in the preset")
+    val = config.dataset.validation_size
+    return {"train": rel.train - val, "val": val, "train_full": rel.train + rel.extra, "test": rel.test}
 
 
-def _paths(config: Dict[str, Any], finetune: bool, data_dir: Optional[Path]) -> Dict[str, str]:
+def _paths(config: Config, finetune: bool, data_dir: Optional[Path]) -> Dict[str, str]:
     d = data_dir or default_data_dir(config)
     train, test = ("train_full", "test") if finetune else ("train", "val")
     return {"train": str(d / f"{train}.lmdb"), "test": str(d / f"{test}.lmdb")}
 
 
-def net_spec(config: Dict[str, Any], layers: Sequence[Layer], finetune: bool, data_dir: Optional[Path] = None) -> Any:
+def net_spec(config: Config, layers: Sequence[Layer], finetune: bool, data_dir: Optional[Path] = None) -> Any:
     paths = _paths(config, finetune, data_dir)
-    space = config["space"]
     return build_net(
         layers,
-        image_size=int(space["image_size"]),
-        channels=int(config["dataset"].get("channels", 3)),
-        num_classes=int(space["num_classes"]),
+        image_size=config.space.image_size,
+        channels=config.dataset.channels,
+        num_classes=config.space.num_classes,
         train_source=paths["train"],
         test_source=paths["test"],
-        transform=transform_of(config),
-        dropout=config.get("render", {}).get("dropout", "paper"),
+        transform=config.render.transform(),
+        dropout=config.render.dropout,
     )
 
 
-def net_text(config: Dict[str, Any], layers: Sequence[Layer], finetune: bool, data_dir: Optional[Path] = None) -> str:
+def net_text(config: Config, layers: Sequence[Layer], finetune: bool, data_dir: Optional[Path] = None) -> str:
     return render_net(net_spec(config, layers, finetune, data_dir))
 
 
-def _overridden(name: str, overrides: Optional[Dict[str, Any]]) -> Any:
-    proto = load_protocol(name)
+def _overridden(config: Config, role: str, overrides: Optional[Dict[str, Any]]) -> Protocol:
+    proto: Protocol = config.protocol.load(role)
     return proto.with_overrides(**overrides) if overrides else proto
 
 
 def _solver_text(
-    config: Dict[str, Any], role: str, net: str, overrides: Optional[Dict[str, Any]], data_dir: Optional[Path]
+    config: Config, role: str, net: str, overrides: Optional[Dict[str, Any]], data_dir: Optional[Path]
 ) -> str:
     """The preset's ``role`` protocol (search | finetune) for this dataset's sizes.
 
     The search protocol tests the whole validation set; finetuning rounds test_iter down, as published.
     """
-    proto = _overridden(config["protocol"][role], overrides)
+    proto = _overridden(config, role, overrides)
     sizes = dataset_sizes(config, data_dir)
     fields = solver_fields(
         proto,
@@ -90,7 +86,7 @@ def _solver_text(
 
 
 def finetune_solver_text(
-    config: Dict[str, Any],
+    config: Config,
     net: str = "finetune_net.prototxt",
     protocol_overrides: Optional[Dict[str, Any]] = None,
     data_dir: Optional[Path] = None,
@@ -99,7 +95,7 @@ def finetune_solver_text(
 
 
 def search_solver_text(
-    config: Dict[str, Any],
+    config: Config,
     net: str = "net.prototxt",
     lr: Optional[float] = None,
     data_dir: Optional[Path] = None,
@@ -111,14 +107,23 @@ def search_solver_text(
 
 
 def render_model(
-    config: Dict[str, Any],
+    config: Config,
     arch: str,
     out: Path,
     manifest_dir: Optional[Path] = None,
     lr: Optional[float] = None,
     metadata: Optional[Dict[str, Any]] = None,
+    off_space: bool = False,
 ) -> List[Path]:
+    """Write a model's files; an architecture outside the preset's space is refused unless ``off_space``."""
     layers = parse_architecture(arch)
+    if not off_space:
+        try:
+            trajectory_of(config.space, layers)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # InvalidArchitectureError: the agent's own reason
+            raise type(exc)(f"{exc} in the {config.name} space (render it anyway with --off-space)") from None
     out.mkdir(parents=True, exist_ok=True)
     spec = net_spec(config, layers, False, manifest_dir)
     files = {
@@ -143,7 +148,7 @@ def render_model(
 
 def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
-        config = store.config()
+        config = experiment_config(store)
         models = store.top_models(top)
         data_dir = experiment_data_dir(store)
     if not models:
@@ -160,9 +165,9 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
             "restarts": m.metrics.get("restarts"),
             "best_iteration": m.metrics.get("best_iteration"),
             "caffe_seed": m.metrics.get("caffe_seed"),
-            "dataset": config["dataset"]["name"],
+            "dataset": config.name,
         }
-        render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta)
+        render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta, off_space=True)
         params = json.loads((folder / "metadata.json").read_text())["param_count"]
         rows.append(
             {

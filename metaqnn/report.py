@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from metaqnn.search import STORE_NAME, format_summary, summary
+from metaqnn.search import STORE_NAME, experiment_config, format_summary, summary
 from qagent.arch import parse_architecture
 from qagent.errors import StoreError
 from qagent.space import State
@@ -157,7 +157,7 @@ def write_report(exp_dir: Path, out: Path) -> Path:
         samples = _samples(store)
         if not samples:
             raise StoreError(f"experiment {exp_dir} has no results yet")
-        cfg = store.config()
+        cfg = experiment_config(store)
         means = figure3(samples, out / "fig3_rolling_accuracy.png")
         figure_a2(samples, out / "figA2_accuracy_by_eps.png")
         by_type, by_field = q_averages(store)
@@ -168,7 +168,7 @@ def write_report(exp_dir: Path, out: Path) -> Path:
         s = summary(store)
         top = store.top_models(10)
     lines = [
-        f"# MetaQNN experiment `{exp_dir.name}` ({cfg['dataset']['name']})",
+        f"# MetaQNN experiment `{exp_dir.name}` ({cfg.name})",
         "",
         f"{len(samples)} sampled architectures ({len(s['top'])} shown below), "
         f"{sum(v['models'] for v in s['per_epsilon'].values())} unique models trained.",

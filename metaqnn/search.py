@@ -16,14 +16,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
+from metaqnn.caffe import runner
 from metaqnn.caffe.locate import find_caffe
-from metaqnn.config import PROJECT_ROOT, agent_config_of, schedule_of, space_of
+from metaqnn.caffe.schema import load_schema
+from metaqnn.config import PROJECT_ROOT, Config, stored_config, upgrade_record
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
-from metaqnn.netspec import Transform
-from metaqnn.solverspec import load_protocol
-from metaqnn.trainer import DataMissingError, Trainer, TrainJob, TrainResult, caffe_seed
+from metaqnn.failures import CircuitBreaker, InfrastructureError, is_disk_full
+from metaqnn.preflight import check_caffe_runs, check_caffe_trains
+from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
 from qagent.arch import parse_architecture
+from qagent.errors import MetaQNNError
 from qagent.store import ExperimentStore
 
 STORE_NAME = "store.sqlite"
@@ -41,19 +44,20 @@ class SearchOptions:
     cpus_per_trial: float = 1.0  # Ray CPU resources per CPU training
     timeout: Optional[float] = None
     max_models: Optional[int] = None  # stop after this many newly trained models (demos, tests)
+    max_same_failures: int = 8  # circuit breaker: stop after this many identical model failures in a row
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
-def default_data_dir(config: Dict[str, Any]) -> Path:
-    return PROJECT_ROOT / "data" / str(config["dataset"]["name"])
+def default_data_dir(config: Config) -> Path:
+    return PROJECT_ROOT / "data" / config.name
 
 
-def default_source_dir(config: Dict[str, Any]) -> Path:
+def default_source_dir(config: Config) -> Path:
     """Where `metaqnn download` puts a dataset's release files."""
     return default_data_dir(config) / "source"
 
 
-def source_or_default(config: Dict[str, Any]) -> Optional[Path]:
+def source_or_default(config: Config) -> Optional[Path]:
     d = default_source_dir(config)
     return d if d.is_dir() else None
 
@@ -65,38 +69,27 @@ def default_exp_dir(name: str) -> Path:
 def experiment_data_dir(store: ExperimentStore) -> Path:
     """The data folder the experiment was searched with (export, finetune and ensemble use it too)."""
     recorded = store.meta().get("data_dir")
-    return Path(recorded) if recorded else default_data_dir(store.config())
+    return Path(recorded) if recorded else default_data_dir(experiment_config(store))
 
 
-def prep_options(config: Dict[str, Any]) -> PrepOptions:
-    d = config["dataset"]
+def experiment_config(store: ExperimentStore) -> Config:
+    """The typed config an experiment was created with."""
+    return stored_config(store.config())
+
+
+def prep_options(config: Config) -> PrepOptions:
+    d = config.dataset
     return PrepOptions(
-        dataset=d["name"],
-        validation_size=int(d.get("validation_size", 5000)),
-        preprocess=d.get("preprocess", "none"),
-        pad=int(d.get("pad", 0)),
-        seed=int(d.get("seed", 0)),
+        dataset=d.name, validation_size=d.validation_size, preprocess=d.preprocess, pad=d.pad, seed=d.seed
     )
 
 
-def ensure_data(
-    config: Dict[str, Any], data_dir: Path, source: Optional[Path], log: Callable[[str], None]
-) -> Dict[str, Any]:
+def ensure_data(config: Config, data_dir: Path, source: Optional[Path], log: Callable[[str], None]) -> Dict[str, Any]:
     """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them."""
     manifest = prepare(prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg))
     for name in ("train", "val"):
         quick_check_lmdb(data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
     return manifest
-
-
-def transform_of(config: Dict[str, Any]) -> Transform:
-    r = config.get("render", {})
-    return Transform(
-        mirror=bool(r.get("mirror", False)),
-        crop_size=int(r.get("crop_size", 0)),
-        scale=float(r.get("scale", 0.0)),
-        mean_file=str(r.get("mean_file", "")),
-    )
 
 
 class Progress:
@@ -174,34 +167,49 @@ def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> 
     return LocalExecutor(run, slots, options.gpus)
 
 
-def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]:
+def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
+    """Check everything (caffe, data, options), then create or resume the experiment and search."""
     log = options.log
     caffe = find_caffe()
-    space = space_of(config)
-    protocol = load_protocol(config.get("protocol", {}).get("search", "search"))
-    with ExperimentStore.open(options.exp_dir / STORE_NAME, config) as store:
-        manifest = ensure_data(config, options.data_dir, options.source or source_or_default(config), log)
-        store.set_meta("data_dir", str(options.data_dir.resolve()))
-        agent = Agent(space, schedule_of(config), agent_config_of(config))
+    version = check_caffe_runs(caffe.binary)
+    load_schema()  # the schema comes from this Caffe: missing, it is named now, not blamed on the data
+    space = config.space
+    protocol = config.protocol.load("search")
+    data_dir = options.data_dir.resolve()
+    manifest = ensure_data(config, data_dir, options.source or source_or_default(config), log)
+    sets = manifest["sets"]
+    protocol.iters_per_epoch(int(sets["train"]["count"]))  # a training set smaller than one batch is refused now
+    check_caffe_trains(
+        caffe.binary,
+        train_lmdb=data_dir / sets["train"]["path"],
+        val_lmdb=data_dir / sets["val"]["path"],
+        image_size=space.image_size,
+        channels=int(sets["train"]["shape"][0]),
+        num_classes=space.num_classes,
+        transform=config.render.transform(),
+        gpu=options.gpus[0] if options.gpus and not options.ray else None,
+    )
+    with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
+        store.set_meta("data_dir", str(data_dir))
+        agent = Agent(space, config.schedule, config.agent)
         store.load_agent(agent)
         progress = Progress(agent, store, log)
-        sets = manifest["sets"]
 
         def make_job(p: Proposal, model_id: int) -> TrainJob:
             return TrainJob(
                 layers=p.layers,
                 model_dir=options.exp_dir / "models" / f"{model_id:05d}",
                 caffe=caffe.binary,
-                train_lmdb=options.data_dir / sets["train"]["path"],
-                val_lmdb=options.data_dir / sets["val"]["path"],
+                train_lmdb=data_dir / sets["train"]["path"],
+                val_lmdb=data_dir / sets["val"]["path"],
                 train_size=sets["train"]["count"],
                 val_size=sets["val"]["count"],
                 image_size=space.image_size,
                 channels=sets["train"]["shape"][0],
                 num_classes=space.num_classes,
                 protocol=protocol,
-                transform=transform_of(config),
-                dropout=config.get("render", {}).get("dropout", "paper"),
+                transform=config.render.transform(),
+                dropout=config.render.dropout,
                 timeout=options.timeout,
                 seed=caffe_seed(agent.config.seed, p.arch),
             )
@@ -213,13 +221,18 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
             else (f"GPU {','.join(map(str, options.gpus))}" if options.gpus else "CPU")
         )
         log(
-            f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}) | {where} | "
+            f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}, {version}) | {where} | "
             f"{executor.slots} at a time | {len(agent.rewards)} models already trained"
         )
+        breaker = CircuitBreaker(options.max_same_failures)
         try:
-            search_loop(agent, store, executor, make_job, progress, options.max_models)
+            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker)
+        except BaseException:
+            runner.stop_all()  # trainings still in flight stay "running" in the store: resumed next time
+            raise
         finally:
             executor.close()
+            runner.allow_runs()
         if progress.tty:
             sys.stdout.write("\n")
         return summary(store, agent)
@@ -237,6 +250,7 @@ def search_loop(
     make_job: Callable[[Proposal, int], Any],
     progress: "Progress",
     max_models: Optional[int] = None,
+    breaker: Optional[CircuitBreaker] = None,
 ) -> int:
     """Algorithm 1 over a store with up to ``executor.slots`` models in flight.
 
@@ -262,6 +276,8 @@ def search_loop(
             agent.skip(p.arch)
             store.record_result(agent, p, "oom", None, metrics, result.message)
             progress.event(f"#{model_id} out of memory, skipped: {p.arch}")
+            if breaker is not None:
+                breaker.observe(model_id, result.status, result.failure, result.message)
             return
         reward = result.best_accuracy if result.status == "done" else agent.failure_reward
         assert reward is not None
@@ -271,6 +287,8 @@ def search_loop(
         progress.event(
             f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}"
         )
+        if breaker is not None:
+            breaker.observe(model_id, result.status, result.failure, result.message)
 
     def answer_waiting(arch: str) -> None:
         for dup in waiting.pop(arch, []):
@@ -309,11 +327,25 @@ def search_loop(
         for arch, outcome in executor.wait_any():
             p, model_id = launched.pop(arch)
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception) or isinstance(outcome, DataMissingError):
-                    raise outcome  # Ctrl-C, missing data: stop; the store stays consistent
-                outcome = TrainResult("failed", failure="crashed", message=f"training raised {outcome!r}"[:500])
+                raise as_infrastructure(outcome, model_id)  # the model stays "running": retried on resume
             commit(p, outcome, model_id)
             answer_waiting(arch)
+
+
+def as_infrastructure(exc: BaseException, model_id: int) -> BaseException:
+    """An exception out of a training is never a model's result: it stops the search, with one line.
+
+    Ctrl-C and the project's own errors pass through unchanged; anything else is
+    a bug or a broken machine, named with the model it happened in.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, MetaQNNError):
+        return exc
+    if is_disk_full(exc):
+        return InfrastructureError(f"the disk is full while training model #{model_id}: {exc}")
+    return InfrastructureError(
+        f"training model #{model_id} raised {type(exc).__name__}: {str(exc)[:200]} "
+        "(a bug or a broken machine, not the net's fault; the model is retried on resume)"
+    )
 
 
 def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from metaqnn.config import SOLVERS_DIR, read_toml
-from qagent.errors import ConfigError
+from qagent.errors import ConfigError, quote
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,16 @@ class Restarts:
     max_restarts: int = 5
     lr_factor: float = 0.4
     pass_threshold: Any = 0.15  # float, or "chance" = 1/num_classes
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError(f"restarts.max_restarts must be >= 0, got {self.max_restarts}")
+        if not 0.0 < self.lr_factor <= 1.0:
+            raise ConfigError(f"restarts.lr_factor must be in (0, 1], got {self.lr_factor}")
+        t = self.pass_threshold
+        number = isinstance(t, (int, float)) and not isinstance(t, bool)
+        if not (t == "chance" or (number and 0.0 <= t < 1.0)):
+            raise ConfigError(f'restarts.pass_threshold must be "chance" or a number in [0, 1), got {quote(t)}')
 
     def threshold(self, num_classes: int) -> float:
         return 1.0 / num_classes if self.pass_threshold == "chance" else float(self.pass_threshold)
@@ -85,10 +95,10 @@ class Protocol:
         return out
 
     def with_overrides(self, **values: Any) -> "Protocol":
-        unknown = sorted(set(values) - set(self.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown protocol setting(s): {', '.join(unknown)}")
-        return replace(self, **values)
+        """A copy with some fields replaced; each value is checked against its field's type."""
+        from metaqnn.config import check_fields
+
+        return replace(self, **check_fields(Protocol, values, f"protocol {self.name}"))
 
 
 def load_protocol(name: str) -> Protocol:
@@ -96,15 +106,16 @@ def load_protocol(name: str) -> Protocol:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in SOLVERS_DIR.glob("*.toml")))
         raise ConfigError(f"unknown protocol {name!r}; known: {known}")
-    values: Dict[str, Any] = read_toml(path)
-    restarts = values.pop("restarts", {})
-    if "rates" in values:
-        values["rates"] = tuple((float(e), float(r)) for e, r in values["rates"])
+    from metaqnn.config import build_section
+
+    values: Dict[str, Any] = dict(read_toml(path))
+    if "name" in values:
+        raise ConfigError(f"{path}: 'name' is the file's name, not a setting")
+    values.setdefault("rates_base_lr", values.get("base_lr"))
     try:
-        values.setdefault("rates_base_lr", values.get("base_lr"))
-        return Protocol(name=path.stem, restarts=Restarts(**restarts), **values)
-    except TypeError as exc:
-        raise ConfigError(f"protocol {path}: {exc}") from None
+        return build_section(Protocol, {"name": path.stem, **values}, "protocol")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def solver_fields(

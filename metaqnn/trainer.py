@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from metaqnn import faults
 from metaqnn.caffe.logparse import LogState, parse_lines, write_csvs
 from metaqnn.caffe.runner import RunOutcome, run_caffe, train_argv
+from metaqnn.failures import InfrastructureError, infrastructure_reason
 from metaqnn.netspec import Transform, build_net
 from metaqnn.render import render_net, render_solver
 from metaqnn.solverspec import Protocol, solver_fields
 from qagent.arch import Layer
-from qagent.errors import MetaQNNError
 
 ACCURACY = "Accuracy1"
 _SNAP_ITER = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
@@ -43,7 +44,7 @@ def caffe_seed(seed: int, arch: str) -> int:
     return int(digest[:8], 16) % (2**31 - 1)
 
 
-class DataMissingError(MetaQNNError):
+class DataMissingError(InfrastructureError):
     """The LMDBs are gone or unreadable: every model would fail, so the search stops instead."""
 
 
@@ -202,6 +203,9 @@ class Trainer:
     def _classify(self, o: RunOutcome) -> Optional[Tuple[str, str, str]]:
         """(status, failure, message) for a run that did not finish normally, else None."""
         st = o.state
+        broken = infrastructure_reason(st.fatal)
+        if broken is not None:  # not this net's fault: stop the search, retry the model on resume
+            raise InfrastructureError(f"caffe failed on {self.dir.name} because {broken}")
         if st.out_of_memory:
             return "oom", "oom", "CUDA out of memory: " + (st.fatal[0] if st.fatal else "")
         if o.timed_out:
@@ -254,6 +258,7 @@ class Trainer:
     def train(self) -> TrainResult:
         t0 = time.monotonic()
         job = self.job
+        faults.inject("trainer")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.snap_dir.mkdir(exist_ok=True)
         spec = build_net(

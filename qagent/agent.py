@@ -39,7 +39,7 @@ class AgentConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"agent.seed must be an integer, got {self.seed!r}")
         if self.failure_reward is not None and not 0.0 <= self.failure_reward <= 1.0:
-            raise ConfigError(f"agent.failure_reward must be in [0, 1] or null, got {self.failure_reward}")
+            raise ConfigError(f"agent.failure_reward must be in [0, 1] or 'chance', got {self.failure_reward}")
 
 
 @dataclass(frozen=True)

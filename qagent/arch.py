@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
-from qagent.errors import ArchitectureSyntaxError
+from qagent.errors import ArchitectureSyntaxError, quote
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ def parse_architecture(text: str) -> Architecture:
     """Parse the paper's notation; errors name the token and its column."""
     stripped = text.strip()
     if not (stripped.startswith("[") and stripped.endswith("]")):
-        raise ArchitectureSyntaxError(f"architecture must be a bracketed list like '[C(64,3,1), SM(10)]', got {text!r}")
+        raise ArchitectureSyntaxError(
+            f"architecture must be a bracketed list like '[C(64,3,1), SM(10)]', got {quote(text)}"
+        )
     body = stripped[1:-1]
     offset = text.index("[") + 1
     layers: List[Layer] = []
@@ -88,31 +90,35 @@ def parse_architecture(text: str) -> Architecture:
         m = _TOKEN.match(body, pos)
         if m is None or m.end() == pos:
             bad = body[pos:].split(",")[0].strip() or body[pos:]
-            raise ArchitectureSyntaxError(f"cannot parse token {bad!r} at column {offset + pos + 1} of {text!r}")
+            raise ArchitectureSyntaxError(
+                f"cannot parse token {quote(bad)} at column {offset + pos + 1} of {quote(text)}"
+            )
         name, argtext = m.group(1), m.group(2)
         token = m.group(0).strip().rstrip(",").strip()
         column = offset + pos + 1 + (len(m.group(0)) - len(m.group(0).lstrip()))
         if name not in _ARITY:
             raise ArchitectureSyntaxError(
-                f"unknown layer {name!r} in token {token!r} at column {column}; expected one of C, P, FC, GAP, SM"
+                f"unknown layer {quote(name)} in token {quote(token)} at column {column}; expected one of C, P, FC, GAP, SM"
             )
         args: List[int] = []
         if argtext is not None and argtext.strip():
             try:
                 args = [int(a) for a in argtext.split(",")]
             except ValueError:
-                raise ArchitectureSyntaxError(f"non-integer parameter in token {token!r} at column {column}") from None
+                raise ArchitectureSyntaxError(
+                    f"non-integer parameter in token {quote(token)} at column {column}"
+                ) from None
         if len(args) != _ARITY[name] or (argtext is not None and _ARITY[name] == 0):
             raise ArchitectureSyntaxError(
-                f"{name} takes {_ARITY[name]} integer parameter(s), got {len(args)} in token {token!r} at column {column}"
+                f"{name} takes {_ARITY[name]} integer parameter(s), got {len(args)} in token {quote(token)} at column {column}"
             )
         if any(a <= 0 for a in args):
-            raise ArchitectureSyntaxError(f"parameters must be positive in token {token!r} at column {column}")
+            raise ArchitectureSyntaxError(f"parameters must be positive in token {quote(token)} at column {column}")
         layers.append(_build(name, args))
         if m.group(3) is None or (m.group(3) == "" and m.end() < len(body)):
-            raise ArchitectureSyntaxError(f"expected ',' after token {token!r} at column {column}")
+            raise ArchitectureSyntaxError(f"expected ',' after token {quote(token)} at column {column}")
         if m.group(3) == "," and not body[m.end() :].strip():
-            raise ArchitectureSyntaxError(f"trailing ',' after token {token!r} at column {column}")
+            raise ArchitectureSyntaxError(f"trailing ',' after token {quote(token)} at column {column}")
         pos = m.end()
     check_structure(layers)
     return tuple(layers)

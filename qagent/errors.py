@@ -28,3 +28,11 @@ class StoreError(MetaQNNError):
 
 class StoreLockedError(StoreError):
     """Another process already holds this experiment open for writing."""
+
+
+def quote(value: object, limit: int = 150) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: a 1 MB argument is not echoed back whole."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 20]}...{text[-12:]} ({len(text)} characters)"

@@ -20,7 +20,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO
 
 from qagent.agent import Agent, Proposal
 from qagent.errors import StoreError, StoreLockedError
@@ -111,8 +111,17 @@ class ExperimentStore:
 
     # -- opening ------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, config: Optional[Dict[str, Any]] = None) -> "ExperimentStore":
-        """Create or reopen for writing; ``config`` must equal the stored one on reopen."""
+    def open(
+        cls,
+        path: Path,
+        config: Optional[Dict[str, Any]] = None,
+        normalize: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
+    ) -> "ExperimentStore":
+        """Create or reopen for writing; ``config`` must equal the stored one on reopen.
+
+        ``normalize`` turns a record written by an earlier version into today's canonical
+        form before the comparison, so an upgrade alone never reads as a changed config.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(str(path) + ".lock", "a+")  # noqa: SIM115 -- held for the store's lifetime
@@ -132,7 +141,7 @@ class ExperimentStore:
             with conn:
                 conn.executescript(_SCHEMA)
             store = cls(path, conn, lock)
-            store._check_meta(config)
+            store._check_meta(config, normalize)
         except sqlite3.DatabaseError as exc:
             lock.close()
             raise StoreError(f"cannot open experiment store {path}: {exc}") from None
@@ -160,7 +169,9 @@ class ExperimentStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_meta(self, config: Optional[Dict[str, Any]]) -> None:
+    def _check_meta(
+        self, config: Optional[Dict[str, Any]], normalize: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+    ) -> None:
         meta = self.meta()
         if not meta:
             if config is None:
@@ -179,7 +190,10 @@ class ExperimentStore:
             raise StoreError(f"{self.path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
         if config is not None:
             stored = json.loads(meta["config"])
-            if stored != json.loads(json.dumps(config)):
+            given = json.loads(json.dumps(config))
+            if stored != given and normalize is not None:
+                stored = normalize(stored)
+            if stored != given:
                 diffs = _config_diff(stored, config)
                 raise StoreError(
                     f"experiment {self.path.parent} was created with a different config ({diffs}); "

@@ -53,6 +53,8 @@ def caffe_processes(exp: Path):
 def main() -> None:
     mode, exp, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if mode == "fault":  # every training raises inside the Ray worker: the search must stop, not record failures
+        env["METAQNN_FAULT"] = "trainer"
     port = free_port()
     common = ["--num-cpus=1", "--disable-usage-stats"]
     subprocess.run(

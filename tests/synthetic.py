@@ -7,9 +7,8 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
 
-from metaqnn.config import agent_config_of, build_config, schedule_of, space_of
+from metaqnn.config import Config, build_config
 from metaqnn.executors import InlineExecutor, LocalExecutor
 from metaqnn.search import Progress, search_loop
 from metaqnn.trainer import TrainResult
@@ -32,14 +31,14 @@ def synthetic_result(arch: str) -> TrainResult:
     return TrainResult("done", best_accuracy=r)
 
 
-def config() -> Dict[str, Any]:
+def config() -> Config:
     return build_config("svhn", [SCHEDULE])
 
 
 def run(store_path: Path, sleep: float = 0.0, workers: int = 1) -> None:
     cfg = config()
-    with ExperimentStore.open(store_path, cfg) as store:
-        agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    with ExperimentStore.open(store_path, cfg.to_dict()) as store:
+        agent = Agent(cfg.space, cfg.schedule, cfg.agent)
         store.load_agent(agent)
 
         def train(p: Proposal) -> TrainResult:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import synthetic
 
-from metaqnn.config import agent_config_of, schedule_of, space_of
 from metaqnn.executors import LocalExecutor
 from metaqnn.search import Progress, search_loop
 from qagent.agent import Agent
@@ -41,8 +40,8 @@ def test_local_pool_keeps_n_in_flight_and_trains_each_model_once(tmp_path):
             running[p.arch] -= 1
         return synthetic.synthetic_result(p.arch)
 
-    with ExperimentStore.open(tmp_path / "store.sqlite", cfg) as store:
-        agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    with ExperimentStore.open(tmp_path / "store.sqlite", cfg.to_dict()) as store:
+        agent = Agent(cfg.space, cfg.schedule, cfg.agent)
         executor = LocalExecutor(train, 4)
         try:
             search_loop(agent, store, executor, lambda p, _id: p, Progress(agent, store, lambda _m: None))
@@ -53,7 +52,7 @@ def test_local_pool_keeps_n_in_flight_and_trains_each_model_once(tmp_path):
         models = store.models()
         assert len(models) == len(calls) and all(m.status in ("done", "failed") for m in models)
         # in-flight models hold their place in the schedule: each epsilon gets exactly its quota
-        assert store.trained_per_epsilon() == {e: n for e, n in schedule_of(cfg).steps}
+        assert store.trained_per_epsilon() == {e: n for e, n in cfg.schedule.steps}
         samples = list(store.samples())
         assert [s["iteration"] for s in samples] == list(range(1, len(samples) + 1))
 
@@ -78,7 +77,7 @@ def test_parallel_search_killed_and_resumed_loses_nothing(tmp_path):
         models = store.models()
         assert all(m.status in ("done", "failed") for m in models)  # nothing left running
         assert all(m.reward == synthetic.synthetic_result(m.arch).best_accuracy or m.status == "failed" for m in models)
-        assert store.trained_per_epsilon() == {e: n for e, n in schedule_of(cfg).steps}
+        assert store.trained_per_epsilon() == {e: n for e, n in cfg.schedule.steps}
 
 
 def _netns_run(mode, exp, data):
@@ -132,3 +131,13 @@ def test_a_killed_ray_worker_has_its_model_completed_exactly_once(tmp_path, digi
     assert state["runs"] >= 3  # the probe, the killed run, and the run Ray retried
     retried = max(folder.glob("train*.log"), key=lambda p: p.stat().st_mtime).read_text()
     assert "Resuming from" in retried and "Optimization Done" in retried  # continued from a snapshot
+
+
+def test_an_exception_in_a_ray_training_stops_the_search_and_records_nothing(tmp_path, digits_data):
+    """The same semantics as the sequential search and the local pool (tests/test_bad_input.py)."""
+    data, _ = digits_data
+    result = _netns_run("fault", tmp_path / "exp", data)
+    assert result["returncode"] == 2, result["output"]
+    assert "InjectedFault" in result["output"] and "Traceback" not in result["output"]
+    assert result["models"] and all(m["status"] == "running" for m in result["models"]), result["models"]
+    assert not result["samples"]  # no reward was learned from the broken set-up

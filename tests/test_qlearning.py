@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from metaqnn.config import agent_config_of, build_config, schedule_of, space_of
+from metaqnn.config import build_config
 from qagent.agent import Agent, AgentConfig
 from qagent.arch import Conv, Softmax
 from qagent.errors import ConfigError
@@ -11,7 +11,7 @@ from qagent.qlearning import QTable, sample_trajectory
 from qagent.schedule import PAPER_SCHEDULE, EpsilonSchedule
 from qagent.space import actions, start, trajectory_of
 
-SVHN = space_of(build_config("svhn"))
+SVHN = build_config("svhn").space
 
 
 def test_worked_example_of_algorithm_3():
@@ -51,7 +51,7 @@ def test_greedy_picks_the_maximum_and_breaks_ties_uniformly():
 
 def _run(seed, rewards_offset=0.0, n=300):
     cfg = build_config("svhn", ["schedule.steps=[[1.0, 100], [0.5, 100], [0.1, 100]]"], seed=seed)
-    agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    agent = Agent(cfg.space, cfg.schedule, cfg.agent)
     archs = []
     while not agent.done and len(archs) < n:
         p = agent.propose()
@@ -71,7 +71,7 @@ def test_one_seed_drives_everything():
 
 def test_replay_dictionary_and_schedule_counts_unique_models():
     cfg = build_config("svhn", ["schedule.steps=[[1.0, 5], [0.1, 5]]"])
-    agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    agent = Agent(cfg.space, cfg.schedule, cfg.agent)
     p = agent.propose()
     assert agent.observe(p.arch, p.encoded, 0.8, p.epsilon) is True
     assert agent.observe(p.arch, p.encoded, 0.8, p.epsilon) is False  # a duplicate: no new unique model

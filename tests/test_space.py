@@ -3,7 +3,7 @@ import random
 import pytest
 from conftest import TABLE_A2, TABLE_A3, TABLE_A4
 
-from metaqnn.config import build_config, space_of
+from metaqnn.config import build_config
 from qagent.arch import FC, GAP, Conv, Pool, Softmax, format_architecture, parse_architecture
 from qagent.errors import ConfigError, InvalidArchitectureError
 from qagent.qlearning import QTable, sample_trajectory
@@ -22,9 +22,9 @@ from qagent.space import (
     transition,
 )
 
-SVHN = space_of(build_config("svhn"))
-CIFAR = space_of(build_config("cifar10"))
-MNIST = space_of(build_config("mnist"))
+SVHN = build_config("svhn").space
+CIFAR = build_config("cifar10").space
+MNIST = build_config("mnist").space
 
 
 def kinds(acts):
@@ -164,4 +164,4 @@ def test_config_is_validated_when_built():
         build_config("svhn", ["space.max_dept=3"])
     with pytest.raises(ConfigError, match="unknown dataset/preset"):
         build_config("imagenet")
-    assert space_of(build_config("svhn", ["space.max_depth=8"])).max_depth == 8
+    assert build_config("svhn", ["space.max_depth=8"]).space.max_depth == 8

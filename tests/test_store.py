@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import synthetic
 
-from metaqnn.config import agent_config_of, schedule_of, space_of
 from qagent.agent import Agent
 from qagent.errors import StoreError, StoreLockedError
 from qagent.store import ExperimentStore
@@ -55,18 +54,18 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 def test_second_writer_gets_a_clear_error(tmp_path):
     path = tmp_path / "store.sqlite"
-    with ExperimentStore.open(path, synthetic.config()):
+    with ExperimentStore.open(path, synthetic.config().to_dict()):
         with pytest.raises(StoreLockedError, match="already open for writing by pid"):
-            ExperimentStore.open(path, synthetic.config())
+            ExperimentStore.open(path, synthetic.config().to_dict())
         with ExperimentStore.open_readonly(path) as reader:  # readers need no lock
-            assert reader.config() == synthetic.config()
-    ExperimentStore.open(path, synthetic.config()).close()  # released on close
+            assert reader.config() == synthetic.config().to_dict()
+    ExperimentStore.open(path, synthetic.config().to_dict()).close()  # released on close
 
 
 def test_changed_config_is_refused_on_resume(tmp_path):
     path = tmp_path / "store.sqlite"
-    ExperimentStore.open(path, synthetic.config()).close()
-    cfg = synthetic.config()
+    ExperimentStore.open(path, synthetic.config().to_dict()).close()
+    cfg = synthetic.config().to_dict()
     cfg["agent"]["seed"] = 99
     with pytest.raises(StoreError, match=r"agent.seed: stored 0, given 99"):
         ExperimentStore.open(path, cfg)
@@ -75,8 +74,8 @@ def test_changed_config_is_refused_on_resume(tmp_path):
 def test_in_flight_model_is_not_sampled_again_and_failures_are_recorded(tmp_path):
     cfg = synthetic.config()
     path = tmp_path / "store.sqlite"
-    with ExperimentStore.open(path, cfg) as store:
-        agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    with ExperimentStore.open(path, cfg.to_dict()) as store:
+        agent = Agent(cfg.space, cfg.schedule, cfg.agent)
         p = agent.propose()
         store.begin_model(agent, p)
         assert [m.arch for m in store.running()] == [p.arch]
@@ -85,8 +84,8 @@ def test_in_flight_model_is_not_sampled_again_and_failures_are_recorded(tmp_path
         q = agent.propose()
         agent.skip(q.arch)
         store.record_result(agent, q, "oom", None, {}, "out of memory")
-    with ExperimentStore.open(path, cfg) as store:
-        fresh = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    with ExperimentStore.open(path, cfg.to_dict()) as store:
+        fresh = Agent(cfg.space, cfg.schedule, cfg.agent)
         store.load_agent(fresh)
         assert store.running() == []
         assert fresh.rewards == {p.arch: 0.1} and fresh.skipped == {q.arch}

@@ -16,9 +16,33 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from metaqnn.caffe.logparse import LogParser, LogState
+from metaqnn.failures import InfrastructureError
+
+# Every caffe this process has running, so that a search stopping for a broken set-up can stop
+# the trainings still in flight (in other threads) instead of waiting hours for them.
+_ACTIVE: "Set[subprocess.Popen[str]]" = set()
+_ACTIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+class CaffeStopped(RuntimeError):
+    """Raised in a training thread whose caffe was stopped by :func:`stop_all`."""
+
+
+def stop_all() -> None:
+    """Stop every caffe of this process and refuse new ones until :func:`allow_runs`."""
+    _STOPPING.set()
+    with _ACTIVE_LOCK:
+        procs = list(_ACTIVE)
+    for proc in procs:
+        _terminate(proc, grace=2.0)
+
+
+def allow_runs() -> None:
+    _STOPPING.clear()
 
 
 @dataclass
@@ -84,23 +108,28 @@ def run_caffe(
     parser = LogParser()
     lines: queue.Queue[Optional[str]] = queue.Queue()  # novermin (local annotations are never evaluated at run time)
     t0 = time.monotonic()
+    if _STOPPING.is_set():
+        raise CaffeStopped("the search is stopping")
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"# {' '.join(argv)}\n")
         log.flush()
         pidfile = Path(cwd) / "caffe.pid"
         stop_stale(pidfile)
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=str(cwd),
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            bufsize=1,
-            start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=str(cwd),
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                start_new_session=True,
+            )
+        except OSError as exc:  # the binary vanished or lost its execute bit since the search started
+            raise InfrastructureError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -108,6 +137,8 @@ def run_caffe(
                 lines.put(line)
             lines.put(None)
 
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(proc)
         pidfile.write_text(str(proc.pid))
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -139,6 +170,8 @@ def run_caffe(
             if timed_out or stopped:
                 _terminate(proc)
         proc.wait()
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(proc)
         pidfile.unlink(missing_ok=True)
         reader.join(timeout=5)
         while True:  # drain what arrived after we stopped reading
@@ -154,6 +187,8 @@ def run_caffe(
             log.write(f"# stopped: wall-clock limit of {timeout} s\n")
         if stopped:
             log.write("# stopped: NaN/inf loss (divergence)\n")
+    if _STOPPING.is_set():
+        raise CaffeStopped("the search is stopping")
     return RunOutcome(proc.returncode, parser.state, time.monotonic() - t0, timed_out, stopped, log_path)
 
 

@@ -1,0 +1,91 @@
+"""Whose failure is it: the model's (a reward) or the infrastructure's (stop the search).
+
+Only a model's own failures may become rewards: it diverged, never learned, Caffe
+refused this net, or this net did not fit in memory.  Everything else -- the
+binary missing or crashing on every net, unreadable data, a lost device, a full
+disk, an exception in this project's code -- would fill the experiment with fake
+results, so it stops the search with one line and leaves the models in flight
+"running" in the store, to be retried on resume.  The same rule holds for the
+sequential, local-pool and Ray executors because it is applied by the search
+loop to whatever an executor hands back.
+"""
+
+import errno
+import re
+from collections import deque
+from typing import Deque, List, Optional, Tuple
+
+from qagent.errors import MetaQNNError
+
+# Log lines that mean the machine, not the net, is broken.
+_DEVICE_LOST = (
+    "no CUDA-capable device is detected",
+    "all CUDA-capable devices are busy or unavailable",
+    "CUDA driver version is insufficient",
+    "unspecified launch failure",
+    "an illegal memory access was encountered",
+    "device-side assert",
+    "ECC error",
+    "GPU has fallen off the bus",
+    "initialization error",
+)
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+class InfrastructureError(MetaQNNError):
+    """Broken set-up: stops the search; the models in flight are retried on resume."""
+
+
+def infrastructure_reason(fatal_lines: List[str], log_tail: str = "") -> Optional[str]:
+    """A one-line reason when Caffe's fatal output blames the device or the disk, else None."""
+    text = "\n".join(fatal_lines) + "\n" + log_tail
+    for needle in _DISK_FULL:
+        if needle in text:
+            return f"the disk is full ({needle})"
+    for needle in _DEVICE_LOST:
+        if needle in text:
+            return f"the GPU is unusable ({needle})"
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def signature(failure: Optional[str], message: str) -> str:
+    """What makes two failures "the same": the kind and the message with numbers blanked."""
+    return f"{failure}: {re.sub(r'[0-9]+(?:[.][0-9]+)?', 'N', message)[:200]}"
+
+
+class CircuitBreaker:
+    """Trips after ``limit`` consecutive model failures with one signature.
+
+    A real search has failures, but a run of identical ones (the same crash, the
+    same refusal) on different sampled nets says the set-up is broken.  Outcomes
+    of training proper (never learned, diverged) are left out: a poor region of
+    the space legitimately produces many of them in a row.
+    """
+
+    COUNTED = frozenset({"crashed", "rejected", "timeout", "stalled", "oom"})
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the circuit breaker needs a limit of at least 1")
+        self.limit = limit
+        self._recent: Deque[Tuple[str, int]] = deque(maxlen=limit)
+
+    def observe(self, model_id: int, status: str, failure: Optional[str], message: str) -> None:
+        """Record one committed result; raise InfrastructureError when the breaker trips."""
+        if status == "done" or failure not in self.COUNTED:
+            self._recent.clear()
+            return
+        sig = signature(failure, message)
+        if self._recent and self._recent[-1][0] != sig:
+            self._recent.clear()
+        self._recent.append((sig, model_id))
+        if len(self._recent) >= self.limit:
+            ids = ", ".join(f"#{m}" for _, m in self._recent)
+            raise InfrastructureError(
+                f"{self.limit} models in a row ({ids}) failed the same way ({message[:150]}): "
+                "this looks like a broken set-up, not bad nets; fix it and rerun to resume"
+            )
