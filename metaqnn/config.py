@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
+from metaqnn.resources import asset_dir, workspace
 from qagent.agent import AgentConfig
 from qagent.errors import ConfigError, quote
 from qagent.schedule import EpsilonSchedule
@@ -29,9 +30,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on the users' Python 3.8 conda Caffe
     import tomli as tomllib
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PRESETS_DIR = PROJECT_ROOT / "presets"
-SOLVERS_DIR = PROJECT_ROOT / "solvers"
+PROJECT_ROOT = workspace()  # data/, experiments/ and .deps/ live here
+PRESETS_DIR = asset_dir("presets")
+SOLVERS_DIR = asset_dir("solvers")
 SECTIONS = ("dataset", "space", "schedule", "agent", "render", "protocol")
 PREPROCESS = ("none", "mean", "gcn", "lcn", "zca")
 

@@ -11,10 +11,10 @@ from typing import Any, Sequence, Tuple
 
 import jinja2
 
-from metaqnn.config import PROJECT_ROOT
 from metaqnn.netspec import NetSpec, param_block
+from metaqnn.resources import asset_dir
 
-TEMPLATES_DIR = PROJECT_ROOT / "prototxt_templates"
+TEMPLATES_DIR = asset_dir("prototxt_templates")
 ENUM_FIELDS = {"pool", "backend", "phase", "solver_mode"}
 
 
