@@ -154,7 +154,12 @@ def test_every_published_net_and_solver_regenerates_from_its_preset(published):
         equal, report = regenerate_check(path, build_config(path.stem.rsplit("_", 1)[0]))
         assert equal, report
     for path in sorted((published / "solver").glob("cifar10_*_solver.prototxt")):
+        # as SVHN's and MNIST's: at most base_lr is per model (the rate the model was finetuned at)
         equal, report = regenerate_check(path, build_config("cifar10"))
+        assert equal or {ln.strip().split(":")[0] for ln in report.splitlines()[1:]} == {"base_lr"}, report
+        equal, report = regenerate_check(
+            path, build_config("cifar10"), [f"base_lr={load_caffe_file(path)[1].base_lr!r}"]
+        )
         assert equal, report
 
 
