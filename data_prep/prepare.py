@@ -6,6 +6,9 @@ Sets written (Section 5):
   val         the stratified validation split (5,000 images for the paper's datasets);
   train_full  the full training set in release order (SVHN: train + extra) for finetuning;
   test        the test set in release order.
+Padding (``pad``, for random-crop translations) goes on the two training sets
+only, as in the authors' lmdb_creator.py: their TEST data layer reads val and
+test unpadded with no crop.
 The manifest records sizes, class counts, shapes and the options; the solver
 generation reads it.  Re-running with the same options is a no-op; different
 options are refused with a message instead of mixing two preparations.
@@ -28,7 +31,9 @@ from data_prep.split import stratified_split
 MANIFEST = "manifest.json"
 # Record keys as Caffe's converters write them: convert_cifar_data uses 5 digits, convert_mnist_data 8.
 KEY_DIGITS = {"cifar10": 5}
-MANIFEST_VERSION = 1
+# 2: only the training sets are padded (version 1 padded every set).
+MANIFEST_VERSION = 2
+PADDED_SETS = ("train", "train_full")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,20 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
         raise DataError(f"{path}: corrupt manifest ({exc})") from None
 
 
+def stale_reason(manifest: Dict[str, Any]) -> Optional[str]:
+    """Why a prepared folder no longer matches what ``build`` writes, or None.
+
+    A version-1 folder is still right when nothing was padded (same bytes); with
+    padding its val and test sets are padded too, which the rendered TEST layer
+    (no crop) would feed to the net at the wrong size.
+    """
+    if int(manifest.get("version", 1)) >= MANIFEST_VERSION:
+        return None
+    if int(manifest.get("options", {}).get("pad", 0)) == 0:
+        return None
+    return "prepared by an older version that also padded the validation and test sets"
+
+
 def _class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
     return [int(c) for c in np.bincount(labels, minlength=num_classes)]
 
@@ -71,6 +90,9 @@ def prepare(
     out_dir = Path(out_dir)
     existing = read_manifest(out_dir)
     if existing is not None:
+        stale = stale_reason(existing)
+        if stale:
+            raise DataError(f"{out_dir}: {stale}; delete it (or use another --data-dir) and prepare again")
         if existing.get("options") == asdict(options):
             log(f"data: {out_dir} already prepared with these options")
             return existing
@@ -120,13 +142,14 @@ def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str
         "num_classes": data.num_classes,
         "options": asdict(options),
         "preprocess": preprocess.describe()[options.preprocess],
+        "padded_sets": list(PADDED_SETS) if options.pad else [],
         "sets": {},
     }
     for name, (split, fn) in sets.items():
         target = out_dir / f"{name}.lmdb"
         if target.exists():
             shutil.rmtree(target)  # a previous run died before writing the manifest
-        images = preprocess.pad(fn(split.images), options.pad)
+        images = preprocess.pad(fn(split.images), options.pad if name in PADDED_SETS else 0)
         log(f"data: writing {target.name}: {len(split.labels)} images {images.shape[1:]} {images.dtype}")
         write_lmdb(target, images, split.labels, key_digits=KEY_DIGITS.get(data.name, 8))
         c, h, w = shape_of(Split(images, split.labels))

@@ -3,7 +3,7 @@
 ``none`` keeps uint8 pixels (Datum.data); every other option produces float32
 (Datum.float_data).  Statistics (mean, ZCA matrix) are fitted on the set the
 network trains on and applied unchanged to validation/test images.  Padding
-(for CIFAR-10's random translations) is zero-padding after normalisation, so
+(for CIFAR-10's random translations, training sets only) is zero-padding after normalisation, so
 crops of padded images see zeros = the dataset mean for mean-subtracted data.
 """
 

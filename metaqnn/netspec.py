@@ -7,10 +7,12 @@ only loops over the resulting list.  Conventions read off the published files
 
 * names count per type: Convolution1.., ReLU1.., Dropout1.., Pooling1..,
   InnerProduct1.., Accuracy1, SoftmaxWithLoss1; ReLUs are in place;
-* a dropout follows every second layer (conv, pool and FC all count), after
-  that layer's ReLU; the i-th of n dropouts gets i/(2n) ("paper"), or the
-  published MNIST rule ("mnist_published": a dropout also after every FC and
-  ratio 0.5 - 0.1*floor((n-i)/2));
+* dropout goes after a layer's ReLU.  "authors" is the rule of the authors'
+  code (metaqnn/dropout.py: every second layer and every FC, ratio k/(2*count)
+  with their own count); "paper" is Section 5's reading (every second layer,
+  conv, pool and FC all counting, i/(2n) for the i-th of n); "mnist_published"
+  is the authors' placement with the ratios of the published MNIST nets,
+  0.5 - 0.1*floor((n-i)/2);
 * GAP = Convolution 1x1 (num_classes, no pad/stride lines) + ReLU + AVE pooling
   over the whole remaining map, then the InnerProduct(num_classes) classifier.
 """
@@ -18,11 +20,12 @@ only loops over the resulting list.  Conventions read off the published files
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from metaqnn.dropout import authors_dropout
 from qagent.arch import FC, GAP, Conv, Layer, Pool, Softmax
 from qagent.errors import ConfigError
 from qagent.space import conv_output, pool_output
 
-DROPOUT_RULES = ("paper", "mnist_published", "none")
+DROPOUT_RULES = ("authors", "paper", "mnist_published", "none")
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,21 @@ def dropout_ratios(n: int, rule: str) -> List[float]:
 
 
 def dropout_positions(layers: Sequence[Layer], rule: str) -> List[int]:
-    """Indices (into the hidden layers) after which a dropout layer goes."""
+    """Indices (into the hidden layers) after which a dropout layer goes ("paper": every second one)."""
     if rule == "none":
         return []
-    out = []
-    for i, layer in enumerate(layers):
-        if (i + 1) % 2 == 0 or (rule == "mnist_published" and isinstance(layer, FC)):
-            out.append(i)
-    return out
+    return [i for i in range(len(layers)) if (i + 1) % 2 == 0]
+
+
+def dropout_plan(layers: Sequence[Layer], hidden: Sequence[Layer], rule: str) -> Dict[int, float]:
+    """Hidden-layer index -> ratio of the dropout after it, under one of DROPOUT_RULES."""
+    if rule == "authors":
+        return authors_dropout(layers)
+    if rule == "mnist_published":  # the authors' placement, the published MNIST ratios
+        positions = sorted(authors_dropout(layers))
+    else:
+        positions = dropout_positions(hidden, rule)
+    return dict(zip(positions, dropout_ratios(len(positions), rule)))
 
 
 def _transform_fields(t: Transform, train: bool) -> Tuple[Tuple[str, object], ...]:
@@ -82,7 +92,7 @@ def _transform_fields(t: Transform, train: bool) -> Tuple[Tuple[str, object], ..
         fields.append(("scale", float(t.scale)))
     if train:
         fields.append(("mirror", bool(t.mirror)))
-    if t.crop_size:
+    if t.crop_size and train:  # TEST reads unpadded images at the input size, as the authors' nets do
         fields.append(("crop_size", int(t.crop_size)))
     if t.mean_file:
         fields.append(("mean_file", t.mean_file))
@@ -113,8 +123,7 @@ def build_net(
         raise ConfigError(f"architecture ends with {layers[-1]} but the dataset has {num_classes} classes")
     hidden = [layer for layer in layers if isinstance(layer, (Conv, Pool, FC))]
     gap = any(isinstance(layer, GAP) for layer in layers)
-    positions = dropout_positions(hidden, dropout)
-    ratios = dict(zip(positions, dropout_ratios(len(positions), dropout)))
+    ratios = dropout_plan(layers, hidden, dropout)
 
     spec = NetSpec()
     add = spec.layers.append

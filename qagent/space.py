@@ -18,6 +18,7 @@ from qagent.arch import FC, GAP, Architecture, Conv, Layer, Pool, Softmax, check
 from qagent.errors import ConfigError, InvalidArchitectureError
 
 START, CONV, POOL, FCL, TERM = "start", "conv", "pool", "fc", "term"
+POOL_ARITHMETIC = ("caffe", "authors")
 
 
 class State(tuple):
@@ -73,6 +74,13 @@ class SpaceConfig:
     descending order ((inf,8], (8,4], (4,1] -> [8, 4, 1]); empty means no
     binning (the MNIST experiment: one state per true size).  Pooling is either
     the explicit (f, l) pairs of Table 1 or sizes x strides filtered like convs.
+
+    The last four settings are choices where the authors' code differs from the
+    paper's text; the defaults follow the paper, and each can be set to the
+    code's value (docs/deviations.md): ``allow_initial_pool`` (code: false),
+    ``strict_receptive_field`` (f < R; code: true), ``pool_arithmetic``
+    (``"authors"``: ceil((n - f + 1)/l); default ``"caffe"``: ceil((n - f)/l) + 1)
+    and ``only_softmax_at_max_depth`` (code: true, no GAP at the maximum depth).
     """
 
     image_size: int
@@ -91,6 +99,10 @@ class SpaceConfig:
     rsize_bins: Tuple[int, ...] = (8, 4, 1)
     allow_gap: bool = True
     allow_pool_after_pool: bool = False
+    allow_initial_pool: bool = True
+    strict_receptive_field: bool = False
+    pool_arithmetic: str = "caffe"
+    only_softmax_at_max_depth: bool = False
     _catalogue: Tuple[Action, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +140,10 @@ class SpaceConfig:
             raise ConfigError(f"space.max_consecutive_fc must be >= 1 or null, got {self.max_consecutive_fc}")
         if self.max_stride_fraction is not None and not 0 < self.max_stride_fraction <= 1:
             raise ConfigError(f"space.max_stride_fraction must be in (0, 1], got {self.max_stride_fraction}")
+        if self.pool_arithmetic not in POOL_ARITHMETIC:
+            raise ConfigError(
+                f"space.pool_arithmetic must be one of {', '.join(POOL_ARITHMETIC)}, got {self.pool_arithmetic!r}"
+            )
         set_(self, "_catalogue", tuple(self._build_catalogue()))
 
     def _strides_for(self, size: int, strides: Sequence[int]) -> List[int]:
@@ -180,6 +196,27 @@ def pool_output(size: int, kernel: int, stride: int) -> int:
     return -(-(size - kernel) // stride) + 1
 
 
+def authors_pool_output(size: int, kernel: int, stride: int) -> int:
+    """The authors' agent's estimate, ceil((n - k + 1)/s): one less than Caffe's when s divides n - k."""
+    return -(-(size - kernel + 1) // stride)
+
+
+def agent_pool_output(space: SpaceConfig, size: int, kernel: int, stride: int) -> int:
+    """The size the agent tracks after pooling (its bins follow it); rendering always uses Caffe's."""
+    if space.pool_arithmetic == "authors":
+        return authors_pool_output(size, kernel, stride)
+    return pool_output(size, kernel, stride)
+
+
+def _field_too_large(space: SpaceConfig, size: int, rsize: int) -> Optional[str]:
+    """Paper: f <= R; the authors' code (``strict_receptive_field``): f < R."""
+    if size > rsize:
+        return f"receptive field {size} exceeds the representation size {rsize}"
+    if space.strict_receptive_field and size == rsize:
+        return f"receptive field {size} must be smaller than the representation size {rsize}"
+    return None
+
+
 def reject_reason(space: SpaceConfig, state: State, action: Action) -> Optional[str]:
     """Why ``action`` is not allowed from ``state`` (Section 4.2), or None if it is."""
     kind = state.kind
@@ -190,6 +227,8 @@ def reject_reason(space: SpaceConfig, state: State, action: Action) -> Optional[
     if isinstance(action, GAP):
         if not space.allow_gap:
             return "GAP termination is disabled in this space"
+        if space.only_softmax_at_max_depth and state.depth >= space.max_depth:
+            return f"maximum depth {space.max_depth} reached: only SM is allowed"
         return (
             None if kind in (START, CONV, POOL) else "GAP may only follow the input, a convolution or a pooling layer"
         )
@@ -204,22 +243,20 @@ def reject_reason(space: SpaceConfig, state: State, action: Action) -> Optional[
             return f"conv receptive field must be one of {list(space.conv_sizes)}"
         if action.stride not in space._strides_for(action.size, space.conv_strides):
             return f"conv stride {action.stride} not allowed for receptive field {action.size}"
-        if action.size > state.rsize:
-            return f"receptive field {action.size} exceeds the representation size {state.rsize}"
-        return None
+        return _field_too_large(space, action.size, state.rsize)
     if isinstance(action, Pool):
         if kind == FCL:
             return "a fully connected layer may only be followed by FC or termination"
         if kind == POOL and not space.allow_pool_after_pool:
             return "no pooling directly after pooling"
+        if kind == START and not space.allow_initial_pool:
+            return "no pooling as the first layer"
         allowed = (action.size, action.stride) in space.pool_pairs or (
             action.size in space.pool_sizes and action.stride in space._strides_for(action.size, space.pool_strides)
         )
         if not allowed:
             return f"pooling {action} is not in this space"
-        if action.size > state.rsize:
-            return f"receptive field {action.size} exceeds the representation size {state.rsize}"
-        return None
+        return _field_too_large(space, action.size, state.rsize)
     if isinstance(action, FC):
         if action.units not in space.fc_units:
             return f"FC units must be one of {list(space.fc_units)}"
@@ -250,7 +287,7 @@ def transition(space: SpaceConfig, state: State, action: Action, true_size: int)
         n = conv_output(true_size, action.size, action.stride)
         return State(CONV, depth, action.filters, action.size, action.stride, 0, space.bin(n)), n
     if isinstance(action, Pool):
-        n = pool_output(true_size, action.size, action.stride)
+        n = agent_pool_output(space, true_size, action.size, action.stride)
         return State(POOL, depth, 0, action.size, action.stride, 0, space.bin(n)), n
     n_fc = state.n_fc + 1 if state.kind == FCL else 1
     return State(FCL, depth, action.units, 0, 0, n_fc, space.bin(1)), 1

@@ -135,16 +135,38 @@ def test_interrupted_write_leaves_no_finished_lmdb(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_float_preprocessing_goes_to_float_data(tmp_path):
+def test_float_preprocessing_goes_to_float_data_and_only_training_sets_are_padded(tmp_path):
     manifest = prepare(
         PrepOptions("digits", validation_size=300, preprocess="gcn", pad=2), tmp_path, log=lambda _m: None
     )
-    assert manifest["sets"]["train"]["dtype"] == "float32" and manifest["sets"]["train"]["shape"] == [1, 12, 12]
-    _, value = records(tmp_path / "val.lmdb")[0]
-    d = load_schema().Datum.FromString(value)
+    shapes = {name: s["shape"] for name, s in manifest["sets"].items()}
+    # as the authors' lmdb_creator.py: train and train_full padded, val and test as released
+    assert shapes == {"train": [1, 12, 12], "train_full": [1, 12, 12], "val": [1, 8, 8], "test": [1, 8, 8]}
+    assert manifest["sets"]["train"]["dtype"] == "float32" and manifest["padded_sets"] == ["train", "train_full"]
+    datum = load_schema().Datum
+    d = datum.FromString(records(tmp_path / "train.lmdb")[0][1])
     assert not d.data and len(d.float_data) == 144 and (d.height, d.width) == (12, 12)
     img = np.array(d.float_data).reshape(12, 12)
     assert np.all(img[:2] == 0) and abs(img[2:10, 2:10].mean()) < 1e-4  # zero border, GCN-centred interior
+    v = datum.FromString(records(tmp_path / "val.lmdb")[0][1])
+    assert (v.height, v.width) == (8, 8) and abs(np.mean(v.float_data)) < 1e-4
+
+
+def test_a_folder_padded_by_the_old_layout_is_stale(tmp_path):
+    """Version-1 folders padded val/test too: refused when padded, still used when nothing was padded."""
+    for pad in (2, 0):
+        folder = tmp_path / str(pad)
+        prepare(PrepOptions("digits", validation_size=300, pad=pad), folder, log=lambda _m: None)
+        path = folder / "manifest.json"
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps({**manifest, "version": 1}))
+        if pad:
+            with pytest.raises(DataError, match="also padded the validation and test sets; delete it"):
+                prepare(PrepOptions("digits", validation_size=300, pad=pad), folder, log=lambda _m: None)
+        else:
+            log = []
+            prepare(PrepOptions("digits", validation_size=300, pad=pad), folder, log=log.append)
+            assert "already prepared" in log[-1]
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,13 @@ from metaqnn.caffe.schema import load_schema
 from metaqnn.cli import main
 from metaqnn.compare import architecture_of_net, compare_files, load_caffe_file, regenerate_check
 from metaqnn.config import build_config
+from metaqnn.dropout import authors_dropout, authors_dropout_count, authors_states
 from metaqnn.export import finetune_solver_text, net_spec, render_model
 from metaqnn.netspec import Transform, build_net, dropout_ratios
 from metaqnn.render import pb_value, render_net, render_solver
 from metaqnn.solverspec import load_protocol, solver_fields
-from qagent.arch import Conv, Pool, Softmax, parse_architecture
+from qagent.arch import FC, Conv, Pool, Softmax, parse_architecture
+from qagent.errors import ConfigError
 
 SVHN = build_config("svhn")
 MNIST = build_config("mnist")
@@ -39,14 +41,16 @@ def test_every_published_svhn_solver_is_the_finetune_protocol(published, i):
 
 
 def test_mnist_nets_match_with_the_published_dropout_rule(published):
-    mnist_published = build_config("mnist", ["render.dropout='mnist_published'"])
+    authors = build_config("mnist", ["render.dropout='authors'"])
+    paper = build_config("mnist", ["render.dropout='paper'"])
     for path in sorted((published / "prototxt").glob("mnist_*.prototxt")):
-        equal, report = regenerate_check(path, mnist_published)
+        equal, report = regenerate_check(path, MNIST)  # the preset's rule: "mnist_published"
         assert equal, report
-        # with the paper's i/(2n) rule, only dropout layers differ
-        equal, report = regenerate_check(path, MNIST)
-        diffs = [ln.strip() for ln in report.splitlines() if ln.startswith("    ") or ln.startswith("  layer count")]
-        assert not equal and diffs
+        # the authors' function places every dropout of the published MNIST nets; only the ratios differ
+        equal, report = regenerate_check(path, authors)
+        fields = {ln.strip().split(":")[0] for ln in report.splitlines() if ln.startswith("    ")}
+        assert not equal and fields == {"dropout_param.dropout_ratio"}, report
+        assert not regenerate_check(path, paper)[0]
 
 
 def test_mnist_solvers_differ_exactly_in_the_per_model_fields(published):
@@ -89,6 +93,74 @@ def test_dropout_rules():
     assert dropout_ratios(6, "paper") == pytest.approx([1 / 12, 2 / 12, 3 / 12, 4 / 12, 5 / 12, 6 / 12])
     assert dropout_ratios(5, "mnist_published") == [0.3, 0.4, 0.4, 0.5, 0.5]
     assert dropout_ratios(4, "mnist_published") == [0.4, 0.4, 0.5, 0.5]
+    with pytest.raises(ConfigError, match="authors, paper, mnist_published, none"):
+        dropout_ratios(2, "sometimes")
+
+
+# Worked by hand through the authors' add_drop_out_states: their state list is the layers plus a
+# terminal state typed like the last layer; count = (states - gap - fc) // 2 + fc; a dropout after
+# every odd index and every FC, never after GAP or the terminal state, while placed < count;
+# the k-th gets 0.5 * k / count.
+@pytest.mark.parametrize(
+    ("arch", "count", "expected"),
+    [
+        # six conv/pool layers + terminal: 7 states, count 3, three placed: k/6
+        ("[C(64,3,1), C(64,3,1), P(2,2), C(64,3,1), C(64,3,1), P(2,2), SM(10)]", 3, {1: 1 / 6, 3: 2 / 6, 5: 3 / 6}),
+        # five: 6 states, count 3 but only two placed (the count exceeds the dropouts): 1/6, 1/3
+        ("[C(64,3,1), C(64,3,1), P(5,3), C(256,3,1), C(128,5,1), SM(10)]", 3, {1: 1 / 6, 3: 2 / 6}),
+        # more FC layers than pairs: C FC FC T(fc) -> fc states 3, count (4-3)//2 + 3 = 3, two placed
+        ("[C(64,3,1), FC(512), FC(256), SM(10)]", 3, {1: 1 / 6, 2: 2 / 6}),
+        # the published CIFAR-10 shape: C C P C P FC FC T(fc) -> count 2 + 3 = 5, four placed: 0.1 .. 0.4
+        (
+            "[C(64,3,1), C(128,3,1), P(5,3), C(256,3,1), P(3,2), FC(512), FC(128), SM(10)]",
+            5,
+            {1: 0.1, 3: 0.2, 5: 0.3, 6: 0.4},
+        ),
+        # GAP: C C C C C GAP T(gap) -> gap states 2, count (7-2)//2 = 2, none after GAP: 1/4, 1/2
+        ("[C(64,3,1), C(64,3,1), C(64,3,1), C(64,3,1), C(64,3,1), GAP, SM(10)]", 2, {1: 0.25, 3: 0.5}),
+        # GAP right after one conv: count (3-2)//2 = 0, nothing placed
+        ("[C(64,3,1), GAP, SM(10)]", 0, {}),
+        # one conv: count 1, but index 0 is not every second and index 1 is terminal
+        ("[C(64,3,1), SM(10)]", 1, {}),
+        ("[SM(10)]", 0, {}),
+    ],
+)
+def test_authors_dropout_rule(arch, count, expected):
+    layers = parse_architecture(arch)
+    assert authors_dropout_count(authors_states(layers)) == count
+    got = authors_dropout(layers)
+    assert sorted(got) == sorted(expected) and all(got[i] == pytest.approx(r) for i, r in expected.items())
+
+
+def test_authors_dropout_stops_at_the_count():
+    """FC C FC C T (no grammar produces it) places FC, C, FC and reaches count 3 before the last C."""
+    layers = [FC(512), Conv(64, 3, 1), FC(256), Conv(64, 3, 1), Softmax(10)]
+    assert authors_dropout_count(authors_states(layers)) == 3
+    assert authors_dropout(layers) == {0: 1 / 6, 1: 2 / 6, 2: 3 / 6}
+
+
+def test_test_phase_has_no_crop():
+    """The authors pad only training images: TRAIN crops them back to 32, TEST reads them as they are."""
+    spec = net_spec(build_config("cifar10"), parse_architecture(TABLE_A2[0][0]), finetune=True)
+    train, test = spec.layers[0], spec.layers[1]
+    assert dict(train.transform) == {"mirror": True, "crop_size": 32} and test.transform == ()
+
+
+def test_every_published_net_and_solver_regenerates_from_its_preset(published):
+    """Every published net (SVHN, MNIST, and CIFAR-10 where the folder has it) from the dataset's preset as is."""
+    nets = sorted((published / "prototxt").glob("*.prototxt"))
+    assert len(nets) >= 15
+    for path in nets:
+        equal, report = regenerate_check(path, build_config(path.stem.rsplit("_", 1)[0]))
+        assert equal, report
+    for path in sorted((published / "solver").glob("cifar10_*_solver.prototxt")):
+        # as SVHN's and MNIST's: at most base_lr is per model (the rate the model was finetuned at)
+        equal, report = regenerate_check(path, build_config("cifar10"))
+        assert equal or {ln.strip().split(":")[0] for ln in report.splitlines()[1:]} == {"base_lr"}, report
+        equal, report = regenerate_check(
+            path, build_config("cifar10"), [f"base_lr={load_caffe_file(path)[1].base_lr!r}"]
+        )
+        assert equal, report
 
 
 def test_architecture_recovery_and_gap(published, tmp_path):

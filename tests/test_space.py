@@ -165,3 +165,52 @@ def test_config_is_validated_when_built():
     with pytest.raises(ConfigError, match="unknown dataset/preset"):
         build_config("imagenet")
     assert build_config("svhn", ["space.max_depth=8"]).space.max_depth == 8
+
+
+AUTHORS_CODE = [  # the authors' values for the four settings where their code and the paper differ
+    "space.allow_initial_pool=false",
+    "space.strict_receptive_field=true",
+    "space.pool_arithmetic='authors'",
+    "space.only_softmax_at_max_depth=true",
+]
+SVHN_CODE = build_config("svhn", AUTHORS_CODE).space
+
+
+# Hand-counted as the SVHN cases above: the start offers 12 convs + 3 pools + GAP + SM = 17, the code
+# 14 (no pooling); after a conv at bin 1 convs f = 1 <= 1 are 4 of the 9, gone under f < R (5); at the
+# maximum depth GAP and SM, the code only SM; bins 8 and 4 hold no f equal to the bin, so no change.
+@pytest.mark.parametrize(
+    ("state", "ours", "theirs"),
+    [
+        (State("start", 0, rsize=8), 17, {"conv": 12, "pool": 0, "fc": 0, "gap": 1, "sm": 1}),
+        (State(CONV, 1, 64, 3, 1, 0, 1), 9, {"conv": 0, "pool": 0, "fc": 3, "gap": 1, "sm": 1}),
+        (State(POOL, 2, 0, 2, 2, 0, 1), 9, {"conv": 0, "pool": 0, "fc": 3, "gap": 1, "sm": 1}),
+        (State(CONV, 1, 64, 3, 1, 0, 4), 15, {"conv": 8, "pool": 2, "fc": 3, "gap": 1, "sm": 1}),
+        (State(CONV, 1, 64, 3, 1, 0, 8), 17, {"conv": 12, "pool": 3, "fc": 0, "gap": 1, "sm": 1}),
+        (State(CONV, 12, 64, 3, 1, 0, 4), 2, {"conv": 0, "pool": 0, "fc": 0, "gap": 0, "sm": 1}),
+    ],
+)
+def test_the_authors_code_settings_action_counts(state, ours, theirs):
+    assert len(actions(SVHN, state)) == ours
+    assert kinds(actions(SVHN_CODE, state)) == theirs
+
+
+def test_the_authors_pooling_arithmetic_moves_bins():
+    """P(3,2) on 16: Caffe ceil(13/2)+1 = 8 (bin 8); the authors' agent ceil(14/2) = 7 (bin 4)."""
+    s = State(CONV, 3, 64, 3, 1, 0, 8)
+    ours, n_ours = transition(SVHN, s, Pool(3, 2), 16)
+    theirs, n_theirs = transition(SVHN_CODE, s, Pool(3, 2), 16)
+    assert (n_ours, ours.rsize, n_theirs, theirs.rsize) == (8, 8, 7, 4)
+    with pytest.raises(ConfigError, match="pool_arithmetic must be one of caffe, authors"):
+        build_config("svhn", ["space.pool_arithmetic='floor'"])
+
+
+def test_the_authors_code_settings_say_why():
+    with pytest.raises(InvalidArchitectureError, match="no pooling as the first layer"):
+        trajectory_of(SVHN_CODE, parse_architecture("[P(2,2), C(64,3,1), SM(10)]"))
+    with pytest.raises(InvalidArchitectureError, match="must be smaller than the representation size 1"):
+        trajectory_of(SVHN_CODE, parse_architecture("[C(64,3,1), P(5,3), C(64,3,1), P(5,3), C(64,1,1), SM(10)]"))
+    deep = "[" + ", ".join(["C(64,3,1)"] * 12) + ", GAP, SM(10)]"
+    assert len(trajectory_of(SVHN, parse_architecture(deep))) == 13
+    with pytest.raises(InvalidArchitectureError, match="only SM is allowed"):
+        trajectory_of(SVHN_CODE, parse_architecture(deep))
