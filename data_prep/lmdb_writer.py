@@ -11,7 +11,7 @@ finished.  ``read_lmdb`` checks every record, for corrupt-input errors.
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Iterator, Tuple
 
 import lmdb
 import numpy as np
@@ -54,29 +54,17 @@ def write_lmdb(
 
 
 def _uint8_encoder(datum_cls: Any, c: int, h: int, w: int) -> Callable[[np.ndarray, int], bytes]:
-    """Datum bytes for uint8 images, ~10x faster than building a message per record.
+    """Datum bytes for uint8 images: one message reused, as convert_mnist_data does.
 
-    The schema serializes a Datum whose data is a unique sentinel; the image bytes
-    are spliced in where the sentinel was, and the label's bytes come from a
-    serialization of that label -- every byte is the installed schema's own
-    encoding, checked once per label against a full serialization.
+    (An earlier byte-splicing encoder measured only 1.3-2x faster, ~0.1-0.2 s on 60,000 images,
+    which did not pay for its complexity: bench/bench_lmdb.py.)
     """
-    size = c * h * w
-    sentinel = bytes((37 * i + 11) % 251 for i in range(size))
-    base = datum_cls(channels=c, height=h, width=w, data=sentinel).SerializeToString()
-    at = base.index(sentinel)
-    head = base[:at]
-    tails: Dict[int, bytes] = {}
+    datum = datum_cls(channels=c, height=h, width=w)
 
     def encode(image: np.ndarray, label: int) -> bytes:
-        tail = tails.get(label)
-        if tail is None:
-            full = datum_cls(channels=c, height=h, width=w, data=sentinel, label=label).SerializeToString()
-            tail = full[at + size :]
-            if full != head + sentinel + tail:
-                raise AssertionError("Datum layout is not channels, height, width, data, label")
-            tails[label] = tail
-        return head + image.tobytes() + tail
+        datum.data = image.tobytes()
+        datum.label = label
+        return bytes(datum.SerializeToString())
 
     return encode
 

@@ -12,7 +12,7 @@ not reject", and validation of a user's architecture reports its reason.
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from qagent.arch import FC, GAP, Architecture, Conv, Layer, Pool, Softmax, check_structure
 from qagent.errors import ConfigError, InvalidArchitectureError
@@ -21,23 +21,19 @@ START, CONV, POOL, FCL, TERM = "start", "conv", "pool", "fc", "term"
 POOL_ARITHMETIC = ("caffe", "authors")
 
 
-class State(tuple):
-    """(kind, depth, filters, size, stride, consecutive_fc, rsize) -- hashable and cheap."""
+class State(NamedTuple):
+    """(kind, depth, filters, size, stride, consecutive_fc, rsize) -- hashable and cheap.
 
-    __slots__ = ()
+    ``n_fc`` counts consecutive FC layers; ``rsize`` is the *binned* representation size.
+    """
 
-    def __new__(
-        cls, kind: str, depth: int, filters: int = 0, size: int = 0, stride: int = 0, n_fc: int = 0, rsize: int = 0
-    ) -> "State":
-        return tuple.__new__(cls, (kind, depth, filters, size, stride, n_fc, rsize))
-
-    kind = property(lambda self: self[0])
-    depth = property(lambda self: self[1])
-    filters = property(lambda self: self[2])
-    size = property(lambda self: self[3])
-    stride = property(lambda self: self[4])
-    n_fc = property(lambda self: self[5])
-    rsize = property(lambda self: self[6])
+    kind: str
+    depth: int
+    filters: int = 0
+    size: int = 0
+    stride: int = 0
+    n_fc: int = 0
+    rsize: int = 0
 
     def key(self) -> str:
         """Stable text key used by the experiment store."""
@@ -326,30 +322,3 @@ def trajectory_of(space: SpaceConfig, layers: Union[Architecture, Sequence[Layer
         steps.append((state, action))
         state, n = transition(space, state, action, n)
     return steps
-
-
-def sizes_along(space: SpaceConfig, layers: Sequence[Layer]) -> List[int]:
-    """True spatial size after each layer (used for GAP's pooling kernel and parameter counts)."""
-    n = space.image_size
-    out = []
-    for layer in layers:
-        if isinstance(layer, Conv):
-            n = conv_output(n, layer.size, layer.stride)
-        elif isinstance(layer, Pool):
-            n = pool_output(n, layer.size, layer.stride)
-        elif isinstance(layer, (FC, Softmax)):
-            n = 1
-        out.append(n)
-    return out
-
-
-def space_from_dict(values: Dict[str, object]) -> SpaceConfig:
-    """Build from a config table; unknown keys are an error, not silently ignored."""
-    known = {f for f in SpaceConfig.__dataclass_fields__ if not f.startswith("_")}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown space setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return SpaceConfig(**values)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise ConfigError(f"space config: {exc}") from None

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any, List, Optional, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from metaqnn.caffe.locate import CaffeNotFoundError, find_caffe
 from qagent.errors import MetaQNNError
@@ -158,6 +159,14 @@ def load_schema() -> Any:
             else:
                 blob = descriptor_from_binary(path)
             return classes_from_descriptor(blob)
-        except (SchemaNotFoundError, OSError, subprocess.SubprocessError, SyntaxError):
-            continue
+        except (
+            SchemaNotFoundError,
+            OSError,
+            subprocess.SubprocessError,
+            SyntaxError,
+            DecodeError,
+            KeyError,
+            TypeError,
+        ):
+            continue  # a damaged or foreign candidate: try the next one, do not stop the search
     raise SchemaNotFoundError("Caffe protobuf schema not found; searched: " + ", ".join(searched))
