@@ -9,13 +9,13 @@ exactly the numbers an uninterrupted one would.
 
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from qagent.arch import Architecture, format_architecture, parse_architecture
 from qagent.errors import ConfigError
 from qagent.qlearning import EncodedStep, QTable, sample_trajectory
 from qagent.schedule import EpsilonSchedule
-from qagent.space import SpaceConfig, architecture_of, trajectory_of
+from qagent.space import SpaceConfig, State, architecture_of, trajectory_of
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,22 @@ class AgentConfig:
             raise ConfigError(f"agent.seed must be an integer, got {self.seed!r}")
         if self.failure_reward is not None and not 0.0 <= self.failure_reward <= 1.0:
             raise ConfigError(f"agent.failure_reward must be in [0, 1] or 'chance', got {self.failure_reward}")
+
+
+@dataclass
+class AgentState:
+    """Everything an agent has learned, in the order a store keeps it (see :meth:`Agent.restore`).
+
+    ``samples`` are (iteration, architecture, reward) in iteration order; a reward of None is a
+    sample that taught nothing (an out-of-memory net).  ``rng`` is :meth:`Agent.rng_state`.
+    """
+
+    q_rows: List[Tuple[State, Sequence[float]]]
+    rewards: Dict[str, float]
+    skipped: Set[str]
+    trained_per_epsilon: Dict[float, int]
+    samples: List[Tuple[int, str, Optional[float]]]
+    rng: Optional[List[Any]] = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,45 @@ class Agent:
         self.in_flight.pop(arch, None)
         self.skipped.add(arch)
         self.iteration += 1
+
+    # -- persistence --------------------------------------------------------------------
+    def restore(self, state: AgentState) -> None:
+        """Become the agent that produced ``state`` (a fresh agent only): Q rows, memory, counts, RNG.
+
+        The replay memory is rebuilt from the samples, so a resumed search replays exactly
+        what an uninterrupted one would.  Restored Q rows count as saved.
+        """
+        if self.iteration or len(self.q):
+            raise RuntimeError("restore() needs a fresh agent")
+        for s, values in state.q_rows:
+            self.q.load_row(s, values)
+        loaded = len(self.q)
+        self.rewards = dict(state.rewards)
+        self.skipped = set(state.skipped)
+        self.trained_per_epsilon = dict(state.trained_per_epsilon)
+        encodings: Dict[str, Tuple[EncodedStep, ...]] = {}
+        for iteration, arch, reward in state.samples:
+            self.iteration = iteration
+            if reward is None:
+                continue
+            enc = encodings.get(arch)
+            if enc is None:
+                enc = encodings[arch] = self.encode(arch)
+            self.replay.append((enc, reward))
+        self.q.mark_clean(loaded)  # states first seen while re-encoding still need writing
+        if state.rng is not None:
+            self.set_rng_state(state.rng)
+
+    def state(self) -> AgentState:
+        """A copy of what :meth:`restore` needs (samples other than the replay memory are the store's)."""
+        return AgentState(
+            q_rows=[(s, list(self.q.values[i])) for i, s in enumerate(self.q.states)],
+            rewards=dict(self.rewards),
+            skipped=set(self.skipped),
+            trained_per_epsilon=dict(self.trained_per_epsilon),
+            samples=[],
+            rng=self.rng_state(),
+        )
 
     # -- persistence helpers --------------------------------------------------------
     def rng_state(self) -> List[Any]:

@@ -28,6 +28,10 @@ class QTable:
         self.values: List[List[float]] = []
         self.dirty: Set[int] = set()
 
+    def mark_clean(self, first_unsaved: int) -> None:
+        """Rows before ``first_unsaved`` are stored as they are now; later rows still need writing."""
+        self.dirty = set(range(first_unsaved, len(self.states)))
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -20,9 +20,9 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
-from qagent.agent import Agent, Proposal
+from qagent.agent import Agent, AgentState, Proposal
 from qagent.errors import StoreError, StoreLockedError
 from qagent.space import State
 
@@ -262,32 +262,30 @@ class ExperimentStore:
     # -- agent state ----------------------------------------------------------------
     def load_agent(self, agent: Agent) -> None:
         """Restore Q rows, replay memory, replay dictionary, counts and RNG into a fresh agent."""
-        q = agent.q
+        q_rows: List[Tuple[State, Sequence[float]]] = []
         for r in self.conn.execute("SELECT s.state, v.q FROM qstates s JOIN qvalues v ON v.id = s.id ORDER BY s.id"):
             values = array("d")
             values.frombytes(r["q"])
-            q.load_row(State.from_key(r["state"]), values)
-        self._persisted_states = len(q)
+            q_rows.append((State.from_key(r["state"]), values))
+        rewards: Dict[str, float] = {}
+        skipped = set()
         for m in self.models():
-            if m.status in TRAINED:
-                agent.rewards[m.arch] = m.reward  # type: ignore[assignment]
+            if m.status in TRAINED and m.reward is not None:
+                rewards[m.arch] = m.reward
             elif m.status == "oom":
-                agent.skipped.add(m.arch)
-        agent.trained_per_epsilon = self.trained_per_epsilon()
-        encodings: Dict[str, Any] = {}
-        for s in self.samples():
-            agent.iteration = s["iteration"]
-            if s["reward"] is None:
-                continue
-            enc = encodings.get(s["arch"])
-            if enc is None:
-                enc = encodings[s["arch"]] = agent.encode(s["arch"])
-            agent.replay.append((enc, s["reward"]))
-        # Rows read back are clean; only states first seen while re-encoding would need writing.
-        q.dirty = set(range(self._persisted_states, len(q)))
+                skipped.add(m.arch)
         r = self.conn.execute("SELECT rng FROM agent WHERE id = 0").fetchone()
-        if r is not None:
-            agent.set_rng_state(json.loads(r["rng"]))
+        agent.restore(
+            AgentState(
+                q_rows=q_rows,
+                rewards=rewards,
+                skipped=skipped,
+                trained_per_epsilon=self.trained_per_epsilon(),
+                samples=[(s["iteration"], s["arch"], s["reward"]) for s in self.samples()],
+                rng=json.loads(r["rng"]) if r is not None else None,
+            )
+        )
+        self._persisted_states = len(q_rows)
 
     def _write_agent(self, agent: Agent) -> None:
         q = agent.q
@@ -378,7 +376,7 @@ class ExperimentStore:
             self._write_agent(agent)
         # Only once the transaction is durable do these rows count as written.
         self._persisted_states = len(agent.q)
-        agent.q.dirty = set()
+        agent.q.mark_clean(len(agent.q))
 
 
 def _config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> str:

@@ -1,6 +1,7 @@
 """Issue 13: `pip install .` (not editable) gives a working metaqnn with its data files."""
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -15,8 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.caffe
 def test_a_built_wheel_works_outside_the_checkout(tmp_path, caffe):
     dist = tmp_path / "dist"
+    source = tmp_path / "source"  # setuptools builds in the source folder: keep the checkout clean
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".venv", ".deps", ".git", "experiments", "data", "build", "*cache*")
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)],
         check=True,
         capture_output=True,
         timeout=600,

@@ -24,6 +24,17 @@ def _snapshot(path):
     return sorted(q), samples, sorted(models)
 
 
+def _wait_for_a_commit(store: Path, proc: subprocess.Popen, limit: float = 60.0) -> None:
+    """Until the store has changed since the process started (or it exited)."""
+
+    def stamp():
+        return [(p.stat().st_mtime_ns, p.stat().st_size) for p in store.parent.glob("store.sqlite*") if p.exists()]
+
+    before, deadline = stamp(), time.monotonic() + limit
+    while proc.poll() is None and stamp() == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "ref" / "store.sqlite"
     synthetic.run(reference)
@@ -33,7 +44,8 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     for _ in range(40):
         proc = subprocess.Popen([sys.executable, str(HERE / "synthetic.py"), str(killed), "0.03"], env=env)
-        time.sleep(rng.uniform(0.3, 1.2))
+        _wait_for_a_commit(killed, proc)  # a loaded machine may take seconds just to start Python
+        time.sleep(rng.uniform(0.0, 0.9))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
