@@ -1,6 +1,7 @@
 # MetaQNN: every target wraps `python -m metaqnn ...` in the project's virtualenv.
 #   make demo                 the embedded digits search on the CPU (README's main job)
 #   make test                 lint, type check, Python 3.8 check, tests (installs everything)
+#   make test-fast            the tests that run no caffe (under a minute): the edit-test loop
 #   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
 #   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
@@ -28,7 +29,7 @@ src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
 .PHONY: setup venv caffe demo search status download data report export finetune ensemble compare regenerate-check arch \
-        test lint typecheck py38 bench clean
+        test test-fast lint typecheck py38 bench clean
 
 setup: venv caffe
 
@@ -96,6 +97,11 @@ py38: venv
 
 test: setup lint typecheck py38
 	METAQNN_PUBLISHED=$(PUBLISHED) $(PY) -m pytest -q tests
+
+# The edit-test loop: everything that runs no caffe and takes no more than seconds (under a minute).
+# CI (`make test`) runs everything.
+test-fast: venv
+	METAQNN_PUBLISHED=$(PUBLISHED) $(PY) -m pytest -q -m "not caffe and not slow" tests
 
 bench: setup
 	$(PY) bench/bench_agent.py

@@ -74,3 +74,15 @@ def digits_data(tmp_path_factory, caffe):
     out = tmp_path_factory.mktemp("digits")
     manifest = prepare(PrepOptions("digits", validation_size=300), out, log=lambda _m: None)
     return out, manifest
+
+
+CAFFE_FIXTURES = {"caffe", "digits_data"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses a real-Caffe fixture is marked ``caffe`` (and ``slow``), so that
+    ``make test-fast`` (``-m "not caffe and not slow"``) can never run one by accident."""
+    for item in items:
+        if CAFFE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.caffe)
+            item.add_marker(pytest.mark.slow)

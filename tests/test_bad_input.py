@@ -138,6 +138,7 @@ def test_the_validated_object_is_what_modules_receive():
         cfg.render.dropout = "paper"  # type: ignore[misc]
 
 
+@pytest.mark.slow  # runs the command line in subprocesses
 def test_a_long_argument_is_quoted_short():
     assert len(quote("x" * 1_000_000)) < 200
     huge = "x" * 120_000  # near the kernel's limit for one argument
@@ -149,6 +150,7 @@ def test_a_long_argument_is_quoted_short():
 # --- the command line: nothing created until everything is checked ----------------------------
 
 
+@pytest.mark.slow  # runs the command line in subprocesses
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -287,6 +289,7 @@ def test_device_and_disk_failures_are_the_infrastructures():
 # --- render, arch, compare ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the command line in subprocesses
 @pytest.mark.parametrize(
     "arch, reason",
     [
@@ -307,6 +310,7 @@ def test_render_refuses_an_architecture_outside_the_space(tmp_path, arch, reason
     assert (out / "net.prototxt").exists()
 
 
+@pytest.mark.slow  # runs the command line in subprocesses
 def test_arch_refuses_a_layer_type_it_does_not_know(tmp_path):
     net = tmp_path / "net.prototxt"
     ok = cli("render", "--dataset", "svhn", "--arch", "[C(64,3,1), SM(10)]", "--out", str(tmp_path / "r"))
@@ -317,6 +321,7 @@ def test_arch_refuses_a_layer_type_it_does_not_know(tmp_path):
     one_line_error(cli("arch", str(net)), "has type 'Sigmoid', which no MetaQNN net contains")
 
 
+@pytest.mark.slow  # runs the command line in subprocesses
 def test_a_binary_file_is_refused_by_compare_and_arch(tmp_path):
     blob = tmp_path / "weights.caffemodel"
     blob.write_bytes(bytes(range(256)) * 40)

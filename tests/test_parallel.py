@@ -57,6 +57,7 @@ def test_local_pool_keeps_n_in_flight_and_trains_each_model_once(tmp_path):
         assert [s["iteration"] for s in samples] == list(range(1, len(samples) + 1))
 
 
+@pytest.mark.slow
 def test_parallel_search_killed_and_resumed_loses_nothing(tmp_path):
     path = tmp_path / "store.sqlite"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}

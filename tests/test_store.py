@@ -35,6 +35,7 @@ def _wait_for_a_commit(store: Path, proc: subprocess.Popen, limit: float = 60.0)
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "ref" / "store.sqlite"
     synthetic.run(reference)
