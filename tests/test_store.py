@@ -87,14 +87,22 @@ def test_changed_config_is_refused_on_resume(tmp_path):
 def test_in_flight_model_is_not_sampled_again_and_failures_are_recorded(tmp_path):
     cfg = synthetic.config()
     path = tmp_path / "store.sqlite"
-    with ExperimentStore.open(path, cfg.to_dict()) as store:
+    with ExperimentStore.open(path, cfg.to_dict()) as store:  # the search dies with a model in flight
         agent = Agent(cfg.space, cfg.schedule, cfg.agent)
         p = agent.propose()
-        store.begin_model(agent, p)
-        assert [m.arch for m in store.running()] == [p.arch]
-        agent.observe(p.arch, p.encoded, agent.failure_reward, p.epsilon)
+        model_id = store.begin_model(agent, p)
+        rng_after_sampling = agent.rng.getstate()
+    with ExperimentStore.open(path, cfg.to_dict()) as store:  # resume
+        agent = Agent(cfg.space, cfg.schedule, cfg.agent)
+        store.load_agent(agent)
+        # the in-flight model is resumed under its own id, and the RNG continues *after* its sample,
+        # so it is not drawn (nor trained) a second time
+        assert [(m.id, m.arch) for m in store.running()] == [(model_id, p.arch)]
+        assert agent.rng.getstate() == rng_after_sampling
+        agent.observe(p.arch, agent.encode(p.arch), agent.failure_reward, p.epsilon)  # as the search resumes it
         store.record_result(agent, p, "failed", agent.failure_reward, {"failure": "diverged"}, "diverged")
         q = agent.propose()
+        assert q.arch != p.arch or q.known_reward is not None
         agent.skip(q.arch)
         store.record_result(agent, q, "oom", None, {}, "out of memory")
     with ExperimentStore.open(path, cfg.to_dict()) as store:

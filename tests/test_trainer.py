@@ -114,3 +114,22 @@ def test_ctrl_c_stops_caffe_and_a_new_trainer_resumes_from_the_snapshot(digits_d
     assert "model_iter_37.solverstate" not in second.split("Resuming from", 1)[1].splitlines()[0]
     assert [it for it, _ in result.curve] == [37, 74, 111, 148, 185, 222]
     assert result.best_accuracy == max(a for _, a in result.curve)
+
+
+def test_out_of_memory_is_the_models_failure_through_the_trainers_own_branch(digits_data, tmp_path):
+    """The trainer's oom branch, end to end: a stand-in for GPU caffe that runs out of memory the way
+    Caffe reports it (glog FATAL from syncedmem.cpp, then abort) -- no GPU on this machine."""
+    script = tmp_path / "caffe"
+    script.write_text(
+        "#!/bin/sh\n"
+        'echo "I1127 19:49:27.811812  8753 solver.cpp:239] Iteration 0, loss = 2.29041" >&2\n'
+        'echo "F1127 19:49:27.818892  8753 syncedmem.cpp:56] Check failed: error == cudaSuccess (2 vs. 0)'
+        '  out of memory" >&2\n'
+        'echo "*** Check failure stack trace: ***" >&2\n'
+        "kill -ABRT $$\n"
+    )
+    script.chmod(0o755)
+    job = replace(make_job(digits_data, tmp_path), caffe=script, gpu=0)
+    result = Trainer(job).train()
+    assert result.status == "oom" and result.failure == "oom", result
+    assert "out of memory" in result.message
