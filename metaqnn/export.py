@@ -10,6 +10,7 @@ protocol), ``arch.txt`` and ``metadata.json``; plus ``summary.md`` /
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,6 +20,7 @@ from metaqnn.netspec import build_net
 from metaqnn.render import render_net, render_solver
 from metaqnn.search import STORE_NAME, default_data_dir, experiment_config, experiment_data_dir
 from metaqnn.solverspec import Protocol, solver_fields
+from metaqnn.weights import caffemodel_to_hdf5
 from qagent.arch import Layer, parse_architecture
 from qagent.errors import ConfigError
 from qagent.space import trajectory_of
@@ -146,6 +148,21 @@ def render_model(
     return written
 
 
+def export_weights(model_dir: Path, best_iteration: Optional[int], out: Path) -> Optional[Path]:
+    """Copy the model's best weights as ``weights.caffemodel`` and write them as ``weights.h5``.
+
+    Nothing is written when the model kept no weights (a failed model, or one trained elsewhere).
+    """
+    if best_iteration is None:
+        return None
+    found = sorted((model_dir / "snapshots").glob(f"*_iter_{int(best_iteration)}.caffemodel"))
+    if not found:
+        return None
+    shutil.copyfile(found[0], out / "weights.caffemodel")
+    caffemodel_to_hdf5(out / "weights.caffemodel", out / "weights.h5")
+    return out / "weights.h5"
+
+
 def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
         config = experiment_config(store)
@@ -168,6 +185,7 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
             "dataset": config.name,
         }
         render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta, off_space=True)
+        export_weights(exp_dir / "models" / f"{m.id:05d}", m.metrics.get("best_iteration"), folder)
         params = json.loads((folder / "metadata.json").read_text())["param_count"]
         rows.append(
             {

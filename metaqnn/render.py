@@ -15,7 +15,7 @@ from metaqnn.netspec import NetSpec, param_block
 from metaqnn.resources import asset_dir
 
 TEMPLATES_DIR = asset_dir("prototxt_templates")
-ENUM_FIELDS = {"pool", "backend", "phase", "solver_mode"}
+ENUM_FIELDS = {"pool", "backend", "phase", "solver_mode", "snapshot_format"}
 
 
 def pb_value(value: Any, key: str = "") -> str:
