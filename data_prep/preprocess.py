@@ -11,7 +11,7 @@ from typing import Callable, Dict
 
 import numpy as np
 
-from qagent.errors import ConfigError
+from metaqnn_errors import ConfigError
 
 PREPROCESS = ("none", "mean", "gcn", "lcn", "zca")
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from qagent.errors import MetaQNNError
+from metaqnn_errors import MetaQNNError
 
 
 class DataError(MetaQNNError):
