@@ -104,6 +104,85 @@ def _data_layer(phase: str, source: str, batch: int, transform: Tuple[Tuple[str,
     return CaffeLayer("data", "data", "Data", (), ("data", "label"), params, phase=phase, transform=transform)
 
 
+class _NetBuilder:
+    """Appends layers the way the authors' files lay them out, tracking the blob's shape and the parameter count.
+
+    Each method is one step of a MetaQNN net: a named layer (names count per type), its in-place
+    ReLU where the published nets have one, and the size/depth arithmetic that the next layer needs.
+    """
+
+    def __init__(self, image_size: int, channels: int) -> None:
+        self.spec = NetSpec()
+        self.counts: Dict[str, int] = {}
+        self.blob = "data"
+        self.size, self.depth, self.flat = image_size, channels, False  # depth = channels of the current blob
+
+    def _name(self, kind: str) -> str:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return f"{kind}{self.counts[kind]}"
+
+    def _add(self, layer: CaffeLayer) -> None:
+        self.spec.layers.append(layer)
+
+    def data(self, phase: str, source: str, batch: int, transform: Tuple[Tuple[str, object], ...]) -> None:
+        self._add(_data_layer(phase, source, batch, transform))
+
+    def _relu_on(self, top: str) -> None:
+        self._add(CaffeLayer("relu", self._name("ReLU"), "ReLU", (top,), (top,)))
+
+    def _conv_relu(self, fields: Tuple[Tuple[str, object], ...]) -> None:
+        top = self._name("Convolution")
+        self._add(CaffeLayer("conv", top, "Convolution", (self.blob,), (top,), fields, filler=True))
+        self._relu_on(top)
+        self.blob = top
+
+    def conv(self, layer: Conv) -> None:
+        fields = (("num_output", layer.filters), ("pad", layer.size // 2), ("kernel_size", layer.size))
+        self._conv_relu((*fields, ("stride", layer.stride)))
+        self.spec.param_count += layer.filters * (self.depth * layer.size * layer.size + 1)
+        self.size, self.depth = conv_output(self.size, layer.size, layer.stride), layer.filters
+
+    def pool(self, layer: Pool) -> None:
+        top = self._name("Pooling")
+        fields = (("pool", "MAX"), ("kernel_size", layer.size), ("stride", layer.stride))
+        self._add(CaffeLayer("pool", top, "Pooling", (self.blob,), (top,), params=fields))
+        self.size, self.blob = pool_output(self.size, layer.size, layer.stride), top
+
+    def _inner_product(self, units: int) -> str:
+        top = self._name("InnerProduct")
+        self._add(
+            CaffeLayer("ip", top, "InnerProduct", (self.blob,), (top,), filler=True, params=(("num_output", units),))
+        )
+        fan_in = self.depth if self.flat else self.depth * self.size * self.size
+        self.spec.param_count += units * (fan_in + 1)
+        self.size, self.depth, self.flat, self.blob = 1, units, True, top
+        return top
+
+    def fc(self, layer: FC) -> None:
+        self._relu_on(self._inner_product(layer.units))
+
+    def dropout(self, ratio: float) -> None:
+        top = self._name("Dropout")
+        self._add(CaffeLayer("dropout", top, "Dropout", (self.blob,), (top,), params=(("dropout_ratio", ratio),)))
+        self.blob = top
+
+    def gap(self, num_classes: int) -> None:
+        """As the published nets: 1x1 conv to the classes (no pad/stride lines), ReLU, AVE pool over the map."""
+        self._conv_relu((("num_output", num_classes), ("kernel_size", 1)))
+        self.spec.param_count += num_classes * (self.depth + 1)
+        self.depth = num_classes
+        top = self._name("Pooling")
+        fields = (("pool", "AVE"), ("kernel_size", self.size))
+        self._add(CaffeLayer("pool", top, "Pooling", (self.blob,), (top,), params=fields))
+        self.size, self.blob = 1, top
+
+    def classifier(self, num_classes: int) -> None:
+        """The final InnerProduct (no ReLU), then Accuracy and SoftmaxWithLoss on it."""
+        top = self._inner_product(num_classes)
+        self._add(CaffeLayer("accuracy", "Accuracy1", "Accuracy", (top, "label"), ("Accuracy1",)))
+        self._add(CaffeLayer("loss", "SoftmaxWithLoss1", "SoftmaxWithLoss", (top, "label"), ("SoftmaxWithLoss1",)))
+
+
 def build_net(
     layers: Sequence[Layer],
     *,
@@ -122,87 +201,23 @@ def build_net(
     if layers[-1].classes != num_classes:
         raise ConfigError(f"architecture ends with {layers[-1]} but the dataset has {num_classes} classes")
     hidden = [layer for layer in layers if isinstance(layer, (Conv, Pool, FC))]
-    gap = any(isinstance(layer, GAP) for layer in layers)
     ratios = dropout_plan(layers, hidden, dropout)
-
-    spec = NetSpec()
-    add = spec.layers.append
-    for phase, source, batch in (("TRAIN", train_source, train_batch), ("TEST", test_source, test_batch)):
-        add(_data_layer(phase, source, batch, _transform_fields(transform, phase == "TRAIN")))
-    counts: Dict[str, int] = {}
-
-    def name(kind: str) -> str:
-        counts[kind] = counts.get(kind, 0) + 1
-        return f"{kind}{counts[kind]}"
-
-    blob = "data"
-    size, depth, flat = image_size, channels, False  # depth = channels of the current blob
-    params = 0
-
-    def relu_on(top: str) -> None:
-        add(CaffeLayer("relu", name("ReLU"), "ReLU", (top,), (top,)))
-
-    def conv_relu(bottom: str, fields: Tuple[Tuple[str, object], ...]) -> str:
-        top = name("Convolution")
-        add(CaffeLayer("conv", top, "Convolution", (bottom,), (top,), fields, filler=True))
-        relu_on(top)
-        return top
-
+    net = _NetBuilder(image_size, channels)
+    net.data("TRAIN", train_source, train_batch, _transform_fields(transform, True))
+    net.data("TEST", test_source, test_batch, _transform_fields(transform, False))
     for i, layer in enumerate(hidden):
         if isinstance(layer, Conv):
-            fields = (
-                ("num_output", layer.filters),
-                ("pad", layer.size // 2),
-                ("kernel_size", layer.size),
-                ("stride", layer.stride),
-            )
-            top = conv_relu(blob, fields)
-            params += layer.filters * (depth * layer.size * layer.size + 1)
-            size, depth = conv_output(size, layer.size, layer.stride), layer.filters
+            net.conv(layer)
         elif isinstance(layer, Pool):
-            top = name("Pooling")
-            add(
-                CaffeLayer(
-                    "pool",
-                    top,
-                    "Pooling",
-                    (blob,),
-                    (top,),
-                    params=(("pool", "MAX"), ("kernel_size", layer.size), ("stride", layer.stride)),
-                )
-            )
-            size = pool_output(size, layer.size, layer.stride)
+            net.pool(layer)
         else:
-            top = name("InnerProduct")
-            add(
-                CaffeLayer(
-                    "ip", top, "InnerProduct", (blob,), (top,), filler=True, params=(("num_output", layer.units),)
-                )
-            )
-            fan_in = depth if flat else depth * size * size
-            params += layer.units * (fan_in + 1)
-            size, depth, flat = 1, layer.units, True
-            relu_on(top)
-        blob = top
+            net.fc(layer)
         if i in ratios:
-            top = name("Dropout")
-            add(CaffeLayer("dropout", top, "Dropout", (blob,), (top,), params=(("dropout_ratio", ratios[i]),)))
-            blob = top
-    if gap:  # as the published nets: 1x1 conv to the classes (no pad/stride lines), ReLU, AVE pool
-        blob = conv_relu(blob, (("num_output", num_classes), ("kernel_size", 1)))
-        params += num_classes * (depth + 1)
-        depth = num_classes
-        top = name("Pooling")
-        add(CaffeLayer("pool", top, "Pooling", (blob,), (top,), params=(("pool", "AVE"), ("kernel_size", size))))
-        size = 1
-        blob = top
-    top = name("InnerProduct")
-    add(CaffeLayer("ip", top, "InnerProduct", (blob,), (top,), filler=True, params=(("num_output", num_classes),)))
-    params += num_classes * ((depth if flat else depth * size * size) + 1)
-    add(CaffeLayer("accuracy", "Accuracy1", "Accuracy", (top, "label"), ("Accuracy1",)))
-    add(CaffeLayer("loss", "SoftmaxWithLoss1", "SoftmaxWithLoss", (top, "label"), ("SoftmaxWithLoss1",)))
-    spec.param_count = params
-    return spec
+            net.dropout(ratios[i])
+    if any(isinstance(layer, GAP) for layer in layers):
+        net.gap(num_classes)
+    net.classifier(num_classes)
+    return net.spec
 
 
 def param_block(kind: str) -> Optional[str]:
