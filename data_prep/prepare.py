@@ -21,9 +21,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from data_prep import preprocess
+from data_prep.integrity import damaged_sets, discard_partial, validate_manifest
 from data_prep.lmdb_writer import write_lmdb
 from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
 from data_prep.split import stratified_split
+from qagent.outdir import os_reason, writing_into
 
 MANIFEST = "manifest.json"
 # Record keys as Caffe's converters write them: convert_cifar_data uses 5 digits, convert_mnist_data 8.
@@ -53,9 +55,9 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: corrupt manifest ({exc})") from None
+        return validate_manifest(json.loads(path.read_text()), path)
+    except (OSError, ValueError) as exc:  # unreadable (a folder, no permission), not UTF-8, not JSON
+        raise DataError(f"{path}: corrupt manifest ({os_reason(exc)})") from None
 
 
 def _class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
@@ -67,20 +69,35 @@ def prepare(
     out_dir: Path,
     source: Optional[Path] = None,
     log: Callable[[str], None] = print,
+    repair: bool = True,
 ) -> Dict[str, Any]:
+    """Prepare ``out_dir`` unless it already is; sets found missing or corrupt are rebuilt (``repair``) or refused."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"data folder {out_dir} is a file, not a folder")
     existing = read_manifest(out_dir)
     if existing is not None:
-        if existing.get("options") == asdict(options):
+        if existing.get("options") != asdict(options):
+            raise DataError(
+                f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
+                "use another --data-dir or delete it"
+            )
+        damaged = damaged_sets(out_dir, existing)
+        if not damaged:
             log(f"data: {out_dir} already prepared with these options")
             return existing
-        raise DataError(
-            f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
-            "use another --data-dir or delete it"
-        )
+        if not repair:
+            raise DataError(f"{out_dir / damaged[0]}; run `metaqnn prepare` with these options to rebuild it")
+        log(f"data: {out_dir}: {'; '.join(damaged)}: rebuilding")
+        (out_dir / MANIFEST).unlink()  # incomplete until the rebuild writes it again
     t0 = time.time()
-    data = read_dataset(options.dataset, source, options.seed)
-    manifest = build(data, options, out_dir, log)
+    try:
+        with writing_into(out_dir, "data folder"):  # one line for a read-only or full disk, new folders removed
+            data = read_dataset(options.dataset, source, options.seed)
+            manifest = build(data, options, out_dir, log)
+    except BaseException:
+        discard_partial(out_dir)
+        raise
     log(f"data: wrote {out_dir} in {time.time() - t0:.1f} s")
     return manifest
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from data_prep.integrity import check_manifest_matches
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
 from metaqnn.caffe.locate import find_caffe
@@ -82,8 +83,22 @@ def prep_options(config: Dict[str, Any]) -> PrepOptions:
 def ensure_data(
     config: Dict[str, Any], data_dir: Path, source: Optional[Path], log: Callable[[str], None]
 ) -> Dict[str, Any]:
-    """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them."""
-    manifest = prepare(prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg))
+    """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them.
+
+    Damaged data is refused, not rebuilt under an experiment; data that does not fit the config
+    (image size, channels, classes) is refused before any model is sampled.
+    """
+    manifest = prepare(
+        prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg), repair=False
+    )
+    check_manifest_matches(
+        manifest,
+        int(config["space"]["image_size"]),
+        int(config["dataset"].get("channels", 3)),
+        int(config["space"]["num_classes"]),
+        crop_size=int(config.get("render", {}).get("crop_size", 0)),
+        where=data_dir,
+    )
     for name in ("train", "val"):
         quick_check_lmdb(data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
     return manifest
@@ -179,8 +194,8 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
     caffe = find_caffe()
     space = space_of(config)
     protocol = load_protocol(config.get("protocol", {}).get("search", "search"))
-    with ExperimentStore.open(options.exp_dir / STORE_NAME, config) as store:
-        manifest = ensure_data(config, options.data_dir, options.source or source_or_default(config), log)
+    manifest = ensure_data(config, options.data_dir, options.source or source_or_default(config), log)
+    with ExperimentStore.open(options.exp_dir / STORE_NAME, config) as store:  # only once the data fits
         store.set_meta("data_dir", str(options.data_dir.resolve()))
         agent = Agent(space, schedule_of(config), agent_config_of(config))
         store.load_agent(agent)

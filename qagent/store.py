@@ -13,6 +13,7 @@ open the database read-only and need no lock (WAL mode).
 """
 
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -20,10 +21,12 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, TypeVar, cast
+from urllib.parse import quote
 
 from qagent.agent import Agent, Proposal
-from qagent.errors import StoreError, StoreLockedError
+from qagent.errors import MetaQNNError, StoreError, StoreLockedError
+from qagent.outdir import make_output_dir, os_reason
 from qagent.space import State
 
 SCHEMA_VERSION = 1
@@ -87,10 +90,21 @@ def _row_to_model(r: sqlite3.Row) -> ModelRow:
 
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if path.is_dir():
+        raise StoreError(f"experiment store {path} is a folder, not a file")
     if readonly:
         if not path.exists():
             raise StoreError(f"no experiment store at {path}")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
+        try:
+            conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            conn.close()
+            if os.access(str(path.parent), os.W_OK):
+                raise
+            # A WAL database in a folder nobody can write to (a read-only mount): no writer can be
+            # active, so the file is read as it is, without the shared-memory file it cannot create.
+            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True, timeout=30)
     else:
         conn = sqlite3.connect(str(path), timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -98,6 +112,45 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _store_error(path: Path, exc: BaseException) -> StoreError:
+    """One line for a failing store: not a database, read-only, disk full, cannot be opened."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = text.lower()
+    if isinstance(exc, OSError):
+        return StoreError(f"cannot use experiment store {path}: {os_reason(exc)}")
+    if "not a database" in low or "malformed" in low or "no such table" in low or "no such column" in low:
+        return StoreError(f"{path} is not a readable experiment store ({text})")
+    if "readonly" in low or "read-only" in low:
+        return StoreError(f"cannot write experiment store {path}: it is read-only ({text})")
+    if "disk is full" in low or "no space" in low:
+        return StoreError(f"cannot write experiment store {path}: no space left on device")
+    if "unable to open" in low:
+        folder = path.parent
+        why = "its folder is not writable" if not os.access(str(folder), os.W_OK) else text
+        return StoreError(f"cannot open experiment store {path}: {why}")
+    return StoreError(f"experiment store {path}: {text}")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(method: _F) -> _F:
+    """SQLite and OS errors of a store method become one StoreError naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self: "ExperimentStore", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MetaQNNError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_error(self.path, exc) from None
+        except (ValueError, KeyError, TypeError) as exc:  # a row that does not decode: JSON, a missing key
+            raise StoreError(f"{self.path} is not a readable experiment store ({type(exc).__name__}: {exc})") from None
+
+    return cast(_F, wrapper)
 
 
 class ExperimentStore:
@@ -114,8 +167,13 @@ class ExperimentStore:
     def open(cls, path: Path, config: Optional[Dict[str, Any]] = None) -> "ExperimentStore":
         """Create or reopen for writing; ``config`` must equal the stored one on reopen."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(str(path) + ".lock", "a+")  # noqa: SIM115 -- held for the store's lifetime
+        make_output_dir(path.parent, "experiment folder")
+        if path.is_dir():
+            raise StoreError(f"experiment store {path} is a folder, not a file")
+        try:
+            lock = open(str(path) + ".lock", "a+")  # noqa: SIM115 -- held for the store's lifetime
+        except OSError as exc:
+            raise StoreError(f"cannot open experiment store {path} for writing: {os_reason(exc)}") from None
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -123,30 +181,53 @@ class ExperimentStore:
             holder = lock.read().strip() or "another process"
             lock.close()
             raise StoreLockedError(f"experiment {path.parent} is already open for writing by {holder}") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}")
-        lock.flush()
         try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()}")
+            lock.flush()
             conn = _connect(path, readonly=False)
-            with conn:
-                conn.executescript(_SCHEMA)
             store = cls(path, conn, lock)
+            store._init_schema()
             store._check_meta(config)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, OSError) as exc:
             lock.close()
-            raise StoreError(f"cannot open experiment store {path}: {exc}") from None
-        except Exception:
+            raise _store_error(path, exc) from None
+        except BaseException:
             lock.close()
             raise
         return store
 
     @classmethod
     def open_readonly(cls, path: Path) -> "ExperimentStore":
+        path = Path(path)
         try:
-            return cls(Path(path), _connect(Path(path), readonly=True), None)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot read experiment store {path}: {exc}") from None
+            store = cls(path, _connect(path, readonly=True), None)
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_error(path, exc) from None
+        try:
+            meta = store.meta()
+            if "config" not in meta:
+                raise StoreError(f"{path} is not an experiment store (no config recorded)")
+            if meta.get("schema") != str(SCHEMA_VERSION):
+                raise StoreError(f"{path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
+            store.config()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @_guarded
+    def _init_schema(self) -> None:
+        """Create the tables of a new store; refuse a database that holds someone else's tables."""
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "meta" not in tables:
+            raise StoreError(f"{self.path} is an SQLite database but not an experiment store")
+        with self.conn:
+            self.conn.executescript(_SCHEMA)
+        # Fail now, not at the first result, on a database this process may read but not write.
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("ROLLBACK")
 
     def close(self) -> None:
         self.conn.close()
@@ -160,6 +241,7 @@ class ExperimentStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_guarded
     def _check_meta(self, config: Optional[Dict[str, Any]]) -> None:
         meta = self.meta()
         if not meta:
@@ -187,9 +269,11 @@ class ExperimentStore:
                 )
 
     # -- reading ------------------------------------------------------------------
+    @_guarded
     def meta(self) -> Dict[str, str]:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
 
+    @_guarded
     def set_meta(self, key: str, value: str) -> None:
         """Facts about where the experiment runs (e.g. its data folder), outside the frozen config."""
         with self.conn:
@@ -198,9 +282,14 @@ class ExperimentStore:
                 (key, value),
             )
 
+    @_guarded
     def config(self) -> Dict[str, Any]:
-        return json.loads(self.meta()["config"])
+        config = json.loads(self.meta()["config"])
+        if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+            raise StoreError(f"{self.path} is not a readable experiment store (its config is not a table of sections)")
+        return config
 
+    @_guarded
     def models(self, status: Optional[str] = None) -> List[ModelRow]:
         if status is None:
             rows = self.conn.execute("SELECT * FROM models ORDER BY id")
@@ -208,33 +297,39 @@ class ExperimentStore:
             rows = self.conn.execute("SELECT * FROM models WHERE status = ? ORDER BY id", (status,))
         return [_row_to_model(r) for r in rows]
 
+    @_guarded
     def model(self, arch: str) -> Optional[ModelRow]:
         r = self.conn.execute("SELECT * FROM models WHERE arch = ?", (arch,)).fetchone()
         return None if r is None else _row_to_model(r)
 
+    @_guarded
     def top_models(self, k: int) -> List[ModelRow]:
         rows = self.conn.execute(
             "SELECT * FROM models WHERE status = 'done' ORDER BY reward DESC, id ASC LIMIT ?", (k,)
         )
         return [_row_to_model(r) for r in rows]
 
+    @_guarded
     def samples(self) -> Iterator[sqlite3.Row]:
-        return iter(self.conn.execute("SELECT * FROM samples ORDER BY iteration"))
+        return iter(self.conn.execute("SELECT * FROM samples ORDER BY iteration").fetchall())
 
+    @_guarded
     def q_rows(self) -> Iterator[sqlite3.Row]:
         """(state, actions JSON, q BLOB) rows for reports."""
         return iter(
             self.conn.execute(
                 "SELECT s.state, s.actions, v.q FROM qstates s JOIN qvalues v ON v.id = s.id ORDER BY s.id"
-            )
+            ).fetchall()
         )
 
+    @_guarded
     def trained_per_epsilon(self) -> Dict[float, int]:
         rows = self.conn.execute(
             "SELECT epsilon, COUNT(*) AS n FROM models WHERE status IN ('done', 'failed') GROUP BY epsilon"
         )
         return {r["epsilon"]: r["n"] for r in rows}
 
+    @_guarded
     def rewards_at(self, epsilon: float) -> List[float]:
         """Rewards of the unique models trained at one epsilon (for progress lines)."""
         rows = self.conn.execute(
@@ -246,6 +341,7 @@ class ExperimentStore:
         return self.models("running")
 
     # -- agent state ----------------------------------------------------------------
+    @_guarded
     def load_agent(self, agent: Agent) -> None:
         """Restore Q rows, replay memory, replay dictionary, counts and RNG into a fresh agent."""
         q = agent.q
@@ -300,6 +396,7 @@ class ExperimentStore:
         )
 
     # -- writing ----------------------------------------------------------------------
+    @_guarded
     def begin_model(self, agent: Agent, proposal: Proposal) -> int:
         """Mark a model as in flight, together with the RNG state after sampling it.
 
@@ -316,6 +413,7 @@ class ExperimentStore:
         row = self.conn.execute("SELECT id FROM models WHERE arch = ?", (proposal.arch,)).fetchone()
         return int(row["id"])
 
+    @_guarded
     def record_result(
         self,
         agent: Agent,
