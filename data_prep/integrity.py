@@ -6,6 +6,8 @@
 ``discard_partial``        remove what an interrupted or failed ``prepare`` left, so nothing looks finished
 """
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -112,10 +114,15 @@ def discard_partial(folder: Path) -> None:
     folder = Path(folder)
     if not folder.is_dir() or (folder / "manifest.json").exists():
         return
-    for name in SETS:
-        target = folder / f"{name}.lmdb"
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target, ignore_errors=True)
-    draft = folder / ".manifest.json.tmp"
-    if draft.is_file():
-        draft.unlink()
+    with contextlib.suppress(OSError):  # best effort: the error that stopped the build is the one to report
+        for name in SETS:
+            remove_path(folder / f"{name}.lmdb")
+        remove_path(folder / ".manifest.json.tmp")
+
+
+def remove_path(path: Path) -> None:
+    """Remove a folder tree, a file or a link (not what it points to), if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(str(path)):
+        path.unlink()

@@ -12,7 +12,6 @@ options are refused with a message instead of mixing two preparations.
 """
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from data_prep import preprocess
-from data_prep.integrity import damaged_sets, discard_partial, validate_manifest
+from data_prep.integrity import damaged_sets, discard_partial, remove_path, validate_manifest
 from data_prep.lmdb_writer import write_lmdb
 from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
 from data_prep.split import stratified_split
@@ -89,11 +88,12 @@ def prepare(
         if not repair:
             raise DataError(f"{out_dir / damaged[0]}; run `metaqnn prepare` with these options to rebuild it")
         log(f"data: {out_dir}: {'; '.join(damaged)}: rebuilding")
-        (out_dir / MANIFEST).unlink()  # incomplete until the rebuild writes it again
     t0 = time.time()
     try:
         with writing_into(out_dir, "data folder"):  # one line for a read-only or full disk, new folders removed
             data = read_dataset(options.dataset, source, options.seed)
+            if existing is not None:
+                (out_dir / MANIFEST).unlink()  # damaged: incomplete until the rebuild writes it again
             manifest = build(data, options, out_dir, log)
     except BaseException:
         discard_partial(out_dir)
@@ -141,8 +141,7 @@ def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str
     }
     for name, (split, fn) in sets.items():
         target = out_dir / f"{name}.lmdb"
-        if target.exists():
-            shutil.rmtree(target)  # a previous run died before writing the manifest
+        remove_path(target)  # a previous run died before writing the manifest, or the set is damaged
         images = preprocess.pad(fn(split.images), options.pad)
         log(f"data: writing {target.name}: {len(split.labels)} images {images.shape[1:]} {images.dtype}")
         write_lmdb(target, images, split.labels, key_digits=KEY_DIGITS.get(data.name, 8))

@@ -20,7 +20,8 @@ from metaqnn.search import STORE_NAME, default_data_dir, experiment_data_dir, tr
 from metaqnn.solverspec import load_protocol, solver_fields
 from qagent.arch import Layer, parse_architecture
 from qagent.errors import ConfigError
-from qagent.store import ExperimentStore
+from qagent.outdir import writing_into
+from qagent.store import ExperimentStore, ModelRow
 
 
 def dataset_sizes(config: Dict[str, Any], data_dir: Optional[Path] = None) -> Dict[str, int]:
@@ -119,7 +120,6 @@ def render_model(
     metadata: Optional[Dict[str, Any]] = None,
 ) -> List[Path]:
     layers = parse_architecture(arch)
-    out.mkdir(parents=True, exist_ok=True)
     spec = net_spec(config, layers, False, manifest_dir)
     files = {
         "net.prototxt": render_net(spec),
@@ -135,9 +135,10 @@ def render_model(
         + "\n",
     }
     written = []
-    for name, text in files.items():
-        (out / name).write_text(text)
-        written.append(out / name)
+    with writing_into(out, "output folder"):
+        for name, text in files.items():
+            (out / name).write_text(text)
+            written.append(out / name)
     return written
 
 
@@ -148,6 +149,11 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
         data_dir = experiment_data_dir(store)
     if not models:
         raise ConfigError(f"experiment {exp_dir} has no trained model to export yet")
+    with writing_into(out, "export folder"):
+        return _export(config, models, data_dir, out)
+
+
+def _export(config: Dict[str, Any], models: List[ModelRow], data_dir: Path, out: Path) -> List[str]:
     rows = []
     for rank, m in enumerate(models, 1):
         folder = out / f"{rank:02d}_model{m.id:05d}"

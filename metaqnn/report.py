@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from metaqnn.search import STORE_NAME, format_summary, summary
 from qagent.arch import parse_architecture
 from qagent.errors import StoreError
+from qagent.outdir import writing_into
 from qagent.space import State
 from qagent.store import ExperimentStore
 
@@ -152,8 +153,7 @@ def _lines(data: Dict[Any, Dict[int, float]], out: Path, title: str, label: str)
 
 
 def write_report(exp_dir: Path, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store, writing_into(out, "report folder"):
         samples = _samples(store)
         if not samples:
             raise StoreError(f"experiment {exp_dir} has no results yet")
@@ -202,5 +202,6 @@ def write_report(exp_dir: Path, out: Path) -> Path:
         ],
     ]
     page = out / "report.md"
-    page.write_text("\n".join(lines) + "\n")
+    with writing_into(out, "report folder"):
+        page.write_text("\n".join(lines) + "\n")
     return page

@@ -60,7 +60,7 @@ def writing_into(path: Path, what: str = "output folder") -> Iterator[Path]:
     command leaves nothing half-written behind.
     """
     path = Path(path)
-    created = _first_missing(path)
+    created = first_missing(path)
     make_output_dir(path, what)
     try:
         yield path
@@ -74,7 +74,7 @@ def writing_into(path: Path, what: str = "output folder") -> Iterator[Path]:
         raise
 
 
-def _first_missing(path: Path) -> Optional[Path]:
+def first_missing(path: Path) -> Optional[Path]:
     """The outermost folder of ``path`` that does not exist yet (what mkdir -p would create), if any."""
     missing = None
     for p in [path, *path.parents]:

@@ -12,10 +12,12 @@ process dies, so kill -9 leaves no stale lock); readers (``status``, reports)
 open the database read-only and need no lock (WAL mode).
 """
 
+import contextlib
 import fcntl
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import time
 from array import array
@@ -26,7 +28,7 @@ from urllib.parse import quote
 
 from qagent.agent import Agent, Proposal
 from qagent.errors import MetaQNNError, StoreError, StoreLockedError
-from qagent.outdir import make_output_dir, os_reason
+from qagent.outdir import first_missing, make_output_dir, os_reason
 from qagent.space import State
 
 SCHEMA_VERSION = 1
@@ -124,13 +126,22 @@ def _store_error(path: Path, exc: BaseException) -> StoreError:
         return StoreError(f"{path} is not a readable experiment store ({text})")
     if "readonly" in low or "read-only" in low:
         return StoreError(f"cannot write experiment store {path}: it is read-only ({text})")
-    if "disk is full" in low or "no space" in low:
-        return StoreError(f"cannot write experiment store {path}: no space left on device")
+    if "disk is full" in low or "no space" in low or ("disk i/o error" in low and _nearly_full(path.parent)):
+        return StoreError(f"cannot write experiment store {path}: no space left on device ({text})")
     if "unable to open" in low:
         folder = path.parent
         why = "its folder is not writable" if not os.access(str(folder), os.W_OK) else text
         return StoreError(f"cannot open experiment store {path}: {why}")
     return StoreError(f"experiment store {path}: {text}")
+
+
+def _nearly_full(folder: Path) -> bool:
+    """SQLite reports a failed write to its shared-memory file as a disk I/O error: is the disk full?"""
+    try:
+        st = os.statvfs(str(folder))
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -153,6 +164,17 @@ def _guarded(method: _F) -> _F:
     return cast(_F, wrapper)
 
 
+def _remove_created(files: List[Path], folder: Optional[Path]) -> None:
+    with contextlib.suppress(OSError):
+        if folder is not None:
+            shutil.rmtree(folder)
+            return
+        for p in files:
+            for f in (p, Path(f"{p}-wal"), Path(f"{p}-shm")):
+                if f.is_file():
+                    f.unlink()
+
+
 class ExperimentStore:
     """Open with :meth:`open` (writer, locked) or :meth:`open_readonly`."""
 
@@ -167,11 +189,15 @@ class ExperimentStore:
     def open(cls, path: Path, config: Optional[Dict[str, Any]] = None) -> "ExperimentStore":
         """Create or reopen for writing; ``config`` must equal the stored one on reopen."""
         path = Path(path)
+        new_folder = first_missing(path.parent)
         make_output_dir(path.parent, "experiment folder")
         if path.is_dir():
             raise StoreError(f"experiment store {path} is a folder, not a file")
+        lock_path = Path(str(path) + ".lock")
+        created = [p for p in (lock_path, path) if not os.path.lexists(str(p))]
+        conn: Optional[sqlite3.Connection] = None
         try:
-            lock = open(str(path) + ".lock", "a+")  # noqa: SIM115 -- held for the store's lifetime
+            lock = open(lock_path, "a+")  # noqa: SIM115 -- held for the store's lifetime
         except OSError as exc:
             raise StoreError(f"cannot open experiment store {path} for writing: {os_reason(exc)}") from None
         try:
@@ -190,11 +216,14 @@ class ExperimentStore:
             store = cls(path, conn, lock)
             store._init_schema()
             store._check_meta(config)
-        except (sqlite3.Error, OSError) as exc:
-            lock.close()
-            raise _store_error(path, exc) from None
-        except BaseException:
-            lock.close()
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            with contextlib.suppress(OSError):  # closing flushes the pid, which fails again on a full disk
+                lock.close()
+            _remove_created(created, new_folder)  # a store that could not be opened leaves nothing behind
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _store_error(path, exc) from None
             raise
         return store
 
