@@ -39,7 +39,7 @@ def make_output_dir(path: Path, what: str = "output folder") -> Path:
         raise OutputError(f"{what} {path} is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a parent is a file (or a dangling link is in the way)
+    except (FileExistsError, NotADirectoryError):  # a parent is a file (or a dangling link is in the way)
         raise OutputError(f"cannot create {what} {path}: a parent is not a folder") from None
     except OSError as exc:
         raise OutputError(f"cannot create {what} {path}: {os_reason(exc)}") from None

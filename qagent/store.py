@@ -109,6 +109,10 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
             conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True, timeout=30)
     else:
         conn = sqlite3.connect(str(path), timeout=30)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "meta" not in tables:  # someone else's database: leave it as it is
+            conn.close()
+            raise StoreError(f"{path} is an SQLite database but not an experiment store")
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives any crash of this process.
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -122,8 +126,10 @@ def _store_error(path: Path, exc: BaseException) -> StoreError:
     low = text.lower()
     if isinstance(exc, OSError):
         return StoreError(f"cannot use experiment store {path}: {os_reason(exc)}")
-    if "not a database" in low or "malformed" in low or "no such table" in low or "no such column" in low:
+    if "not a database" in low or "malformed" in low:
         return StoreError(f"{path} is not a readable experiment store ({text})")
+    if "no such table" in low or "no such column" in low:
+        return StoreError(f"{path} is not an experiment store ({text})")
     if "readonly" in low or "read-only" in low:
         return StoreError(f"cannot write experiment store {path}: it is read-only ({text})")
     if "disk is full" in low or "no space" in low or ("disk i/o error" in low and _nearly_full(path.parent)):
@@ -248,10 +254,7 @@ class ExperimentStore:
 
     @_guarded
     def _init_schema(self) -> None:
-        """Create the tables of a new store; refuse a database that holds someone else's tables."""
-        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and "meta" not in tables:
-            raise StoreError(f"{self.path} is an SQLite database but not an experiment store")
+        """Create the tables of a new store."""
         with self.conn:
             self.conn.executescript(_SCHEMA)
         # Fail now, not at the first result, on a database this process may read but not write.
@@ -289,7 +292,7 @@ class ExperimentStore:
         if meta.get("schema") != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
         if config is not None:
-            stored = json.loads(meta["config"])
+            stored = self.config()
             if stored != json.loads(json.dumps(config)):
                 diffs = _config_diff(stored, config)
                 raise StoreError(
