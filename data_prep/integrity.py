@@ -7,10 +7,11 @@
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from data_prep.lmdb_check import lmdb_file_problem
 from data_prep.lmdb_writer import quick_check_lmdb
@@ -126,3 +127,18 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(str(path)):
         path.unlink()
+
+
+@contextlib.contextmanager
+def prepare_lock(folder: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold an flock on the folder itself (no lock file to leave behind; the kernel drops it if we die)."""
+    fd = os.open(str(folder), os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"data: waiting for another process that is preparing {folder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

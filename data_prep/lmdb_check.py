@@ -8,6 +8,7 @@ what the newer valid meta page says; and :func:`walk_lmdb` walks every leaf
 page in a forked child, so that a crash there is a one-line error here.
 """
 
+import faulthandler
 import os
 import signal
 import stat
@@ -84,8 +85,9 @@ def in_child(fn: Callable[[], Optional[str]]) -> Optional[str]:
         code = 0
         try:
             os.close(read_end)
+            faulthandler.disable()  # the parent reports a crash in one line: no dump, no LMDB assertion text
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)  # LMDB's assertion message: the parent reports the crash in one line
+            os.dup2(devnull, 2)
             message = fn()
             if message:
                 os.write(write_end, message.encode("utf-8", "replace")[:4000])

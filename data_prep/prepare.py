@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from data_prep import preprocess
-from data_prep.integrity import damaged_sets, discard_partial, remove_path, validate_manifest
+from data_prep.integrity import damaged_sets, discard_partial, prepare_lock, remove_path, validate_manifest
 from data_prep.lmdb_writer import write_lmdb
 from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
 from data_prep.split import stratified_split
@@ -70,36 +70,54 @@ def prepare(
     log: Callable[[str], None] = print,
     repair: bool = True,
 ) -> Dict[str, Any]:
-    """Prepare ``out_dir`` unless it already is; sets found missing or corrupt are rebuilt (``repair``) or refused."""
+    """Prepare ``out_dir`` unless it already is; sets found missing or corrupt are rebuilt (``repair``) or refused.
+
+    A complete folder is only read (it may be read-only); writing happens under a lock on
+    the folder, so two searches that start at once on fresh data do not write it twice.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"data folder {out_dir} is a file, not a folder")
-    existing = read_manifest(out_dir)
-    if existing is not None:
-        if existing.get("options") != asdict(options):
-            raise DataError(
-                f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
-                "use another --data-dir or delete it"
-            )
-        damaged = damaged_sets(out_dir, existing)
-        if not damaged:
-            log(f"data: {out_dir} already prepared with these options")
-            return existing
-        if not repair:
-            raise DataError(f"{out_dir / damaged[0]}; run `metaqnn prepare` with these options to rebuild it")
-        log(f"data: {out_dir}: {'; '.join(damaged)}: rebuilding")
+    manifest = _prepared(options, out_dir, log, repair)
+    if manifest is not None:
+        return manifest
     t0 = time.time()
-    try:
-        with writing_into(out_dir, "data folder"):  # one line for a read-only or full disk, new folders removed
+    with writing_into(out_dir, "data folder"), prepare_lock(out_dir, log):  # one line for read-only or full
+        manifest = _prepared(options, out_dir, lambda _m: None, repair)  # another process may have done it
+        if manifest is not None:
+            return manifest
+        try:
             data = read_dataset(options.dataset, source, options.seed)
-            if existing is not None:
+            if (out_dir / MANIFEST).exists():
                 (out_dir / MANIFEST).unlink()  # damaged: incomplete until the rebuild writes it again
             manifest = build(data, options, out_dir, log)
-    except BaseException:
-        discard_partial(out_dir)
-        raise
+        except BaseException:
+            discard_partial(out_dir)
+            raise
     log(f"data: wrote {out_dir} in {time.time() - t0:.1f} s")
     return manifest
+
+
+def _prepared(
+    options: PrepOptions, out_dir: Path, log: Callable[[str], None], repair: bool
+) -> Optional[Dict[str, Any]]:
+    """The manifest if ``out_dir`` is complete and sound, None if it must be (re)built; refuses other options."""
+    existing = read_manifest(out_dir)
+    if existing is None:
+        return None
+    if existing.get("options") != asdict(options):
+        raise DataError(
+            f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
+            "use another --data-dir or delete it"
+        )
+    damaged = damaged_sets(out_dir, existing)
+    if not damaged:
+        log(f"data: {out_dir} already prepared with these options")
+        return existing
+    if not repair:
+        raise DataError(f"{out_dir / damaged[0]}; run `metaqnn prepare` with these options to rebuild it")
+    log(f"data: {out_dir}: {'; '.join(damaged)}: rebuilding")
+    return None
 
 
 def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:

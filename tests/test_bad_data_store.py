@@ -428,3 +428,24 @@ def test_unwritable_output_folders(data, capsys, tmp_path):
     with pytest.raises(StoreError, match="no experiment store"):
         ExperimentStore.open_readonly(tmp_path / "nothing" / "store.sqlite")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_three_prepares_at_once_write_the_folder_once(tmp_path, digits_data):
+    """Two searches started together on fresh data: the second waits for the first instead of colliding."""
+    folder = tmp_path / "data"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "metaqnn", "prepare", "--data-dir", str(folder)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert sum("data: wrote" in out for out in outputs) == 1, outputs
+    assert tree(folder) == tree(digits_data[0])
+    for name in ("train", "val", "train_full", "test"):
+        assert records(folder / f"{name}.lmdb") == records(digits_data[0] / f"{name}.lmdb")
