@@ -316,11 +316,41 @@ def test_disk_full_injected_while_writing_the_manifest(tmp_path, monkeypatch):
     assert tree(tmp_path) == ["kept"]
 
 
-def test_disk_full_for_the_experiment_store(data, capsys, tmpfs):
+def test_disk_full_for_the_experiment_store_and_the_outputs(data, capsys, tmp_path, tmpfs):
     disk = tmpfs("disk", "64k")
     (disk / "filler").write_bytes(b"\0" * (64 << 10))  # as much as fits
     one_line(capsys, "search", "--exp", disk / "exp", "--data-dir", data, says=("store.sqlite", "no space left"))
+    exp = small_experiment(tmp_path / "exp")
+    one_line(capsys, "report", "--exp", exp, "--out", disk / "report", says=(str(disk / "report"), "no space left"))
+    one_line(capsys, "export", "--exp", exp, "--out", disk / "export", says=(str(disk / "export"), "no space left"))
     assert tree(disk) == ["filler"]
+
+
+def test_disk_full_while_a_search_records_a_result(tmpfs):
+    """A result that cannot be committed stops the search with one line; the store keeps what it had."""
+    exp = small_experiment(tmpfs("disk", "1m"), results=1)
+    cfg = build_config("digits", [], None)
+    store = ExperimentStore.open(exp / "store.sqlite", cfg)
+    agent = Agent(space_of(cfg), schedule_of(cfg), agent_config_of(cfg))
+    store.load_agent(agent)
+    with open(exp / "filler", "wb", buffering=0) as fh:  # fill the disk to the last byte
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    with pytest.raises(StoreError, match=f"cannot write experiment store {exp / 'store.sqlite'}: no space left"):
+        for _ in range(200):
+            p = agent.propose()
+            store.begin_model(agent, p)
+            agent.observe(p.arch, p.encoded, 0.5, p.epsilon)
+            store.record_result(agent, p, "done", 0.5, {"padding": "x" * 20000})
+    store.close()
+    (exp / "filler").unlink()
+    with ExperimentStore.open(exp / "store.sqlite", cfg) as store:  # consistent: each result with its sample row
+        done = {m.arch for m in store.models("done")}
+        assert len(done) >= 1 and done == {r["arch"] for r in store.samples()}
+        assert all(m.status in ("done", "running") for m in store.models())
 
 
 # -- corrupt, foreign, misplaced and read-only stores -------------------------------------------------------
@@ -400,6 +430,16 @@ def test_a_read_only_experiment_is_readable_and_refuses_writes_in_one_line(data,
     one_line(capsys, "prepare", "--data-dir", exp / "data", says=(str(exp / "data"), "read-only file system"))
 
 
+def test_prepared_data_on_a_read_only_disk_is_used_as_it_is(digits_data, capsys, tmpfs):
+    disk = tmpfs("data")
+    shutil.copytree(digits_data[0], disk, dirs_exist_ok=True)
+    remount_read_only(disk)
+    code, out, err = run(capsys, "prepare", "--data-dir", disk)
+    assert code == 0 and "already prepared" in out, out + err
+    with open(disk / "train.lmdb" / "data.mdb", "rb"):  # still readable, untouched
+        pass
+
+
 def test_a_read_only_store_file_refuses_the_search_at_once(data, capsys, tmp_path):
     """The store file alone is read-only (chattr +i as root, chmod otherwise); the folder stays writable."""
     exp = small_experiment(tmp_path / "exp")
@@ -425,6 +465,10 @@ def test_unwritable_output_folders(data, capsys, tmp_path):
     one_line(capsys, "report", "--exp", exp, "--out", tmp_path / "file" / "r", says=("a parent is not a folder",))
     one_line(capsys, "render", "--arch", "[SM(10)]", "--out", tmp_path / "file", says=("is not a folder",))
     one_line(capsys, "search", "--exp", tmp_path / "file" / "e", "--data-dir", data, says=("experiment folder",))
+    (tmp_path / "locked" / "store.sqlite.lock").mkdir(parents=True)
+    one_line(
+        capsys, "search", "--exp", tmp_path / "locked", "--data-dir", data, says=("store.sqlite", "is a directory")
+    )
     with pytest.raises(StoreError, match="no experiment store"):
         ExperimentStore.open_readonly(tmp_path / "nothing" / "store.sqlite")
     assert (tmp_path / "file").read_text() == "x"
