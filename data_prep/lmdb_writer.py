@@ -160,13 +160,14 @@ def quick_check_lmdb(
     problem = lmdb_file_problem(path)
     if problem is not None:
         raise DataError(f"{path}: {problem}; prepare the data again")
-    message = in_child(lambda: _quick_check(path, expected_count, shape, num_classes))
+    datum_cls = load_schema().Datum  # here, not in the child: its errors are not about the data
+    message = in_child(lambda: _quick_check(path, datum_cls, expected_count, shape, num_classes))
     if message:
         raise DataError(f"{path}: {message}")
 
 
 def _quick_check(
-    path: Path, expected_count: int, shape: Optional[Sequence[int]], num_classes: Optional[int]
+    path: Path, datum_cls: Any, expected_count: int, shape: Optional[Sequence[int]], num_classes: Optional[int]
 ) -> Optional[str]:
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
@@ -183,7 +184,7 @@ def _quick_check(
     if entries != expected_count or walked != expected_count:
         return f"{walked} records, the manifest says {expected_count}"
     try:
-        datum = load_schema().Datum.FromString(first[1] if first else b"\xff")
+        datum = datum_cls.FromString(first[1] if first else b"\xff")
     except Exception:
         return "first record is not a valid Datum"
     found = [datum.channels, datum.height, datum.width]

@@ -53,6 +53,8 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
+    if not path.is_file():  # a folder, or a FIFO that reading would wait on forever
+        raise DataError(f"{path}: corrupt manifest (not a regular file)")
     try:
         return validate_manifest(json.loads(path.read_text()), path)
     except (OSError, ValueError) as exc:  # unreadable (a folder, no permission), not UTF-8, not JSON
@@ -77,7 +79,7 @@ def prepare(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"data folder {out_dir} is a file, not a folder")
+        raise DataError(f"data folder {out_dir} is not a folder")
     manifest = _prepared(options, out_dir, log, repair)
     if manifest is not None:
         return manifest

@@ -91,9 +91,16 @@ def _row_to_model(r: sqlite3.Row) -> ModelRow:
     )
 
 
-def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+def _check_is_file(path: Path) -> None:
+    """Refuse a store path that is a folder, a FIFO (SQLite would wait on it forever) or a device."""
     if path.is_dir():
         raise StoreError(f"experiment store {path} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"experiment store {path} is not a regular file")
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    _check_is_file(path)
     if readonly:
         if not path.exists():
             raise StoreError(f"no experiment store at {path}")
@@ -164,7 +171,7 @@ def _guarded(method: _F) -> _F:
             raise
         except (sqlite3.Error, OSError) as exc:
             raise _store_error(self.path, exc) from None
-        except (ValueError, KeyError, TypeError) as exc:  # a row that does not decode: JSON, a missing key
+        except (ValueError, KeyError) as exc:  # a row that does not decode: JSON, a missing key
             raise StoreError(f"{self.path} is not a readable experiment store ({type(exc).__name__}: {exc})") from None
 
     return cast(_F, wrapper)
@@ -197,8 +204,7 @@ class ExperimentStore:
         path = Path(path)
         new_folder = first_missing(path.parent)
         make_output_dir(path.parent, "experiment folder")
-        if path.is_dir():
-            raise StoreError(f"experiment store {path} is a folder, not a file")
+        _check_is_file(path)
         lock_path = Path(str(path) + ".lock")
         created = [p for p in (lock_path, path) if not os.path.lexists(str(p))]
         conn: Optional[sqlite3.Connection] = None

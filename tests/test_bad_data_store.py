@@ -227,8 +227,20 @@ def _manifest(edit):
         (_manifest(lambda m: m["sets"]["val"].update(count="300")), "val.count '300'"),
         (_manifest(lambda m: m["sets"]["val"].update(shape=[1, 8])), "is not [channels, height, width]"),
         (lambda f: ((f / "manifest.json").unlink(), (f / "manifest.json").mkdir()), "corrupt manifest"),
+        (lambda f: ((f / "manifest.json").unlink(), os.mkfifo(f / "manifest.json")), "not a regular file"),
     ],
-    ids=["not-json", "not-utf8", "a-list", "no-sets", "no-test", "path-escapes", "count-text", "short-shape", "a-dir"],
+    ids=[
+        "not-json",
+        "not-utf8",
+        "a-list",
+        "no-sets",
+        "no-test",
+        "path-escapes",
+        "count-text",
+        "short-shape",
+        "a-dir",
+        "a-fifo",
+    ],
 )
 def test_a_garbage_manifest_is_one_line_everywhere_and_deletes_nothing(data, capsys, tmp_path, damage, says):
     damage(data)
@@ -248,7 +260,7 @@ def test_a_data_folder_that_is_a_file(capsys, tmp_path):
         ["prepare", "--data-dir", tmp_path / "data"],
         ["search", "--exp", tmp_path / "e", "--data-dir", tmp_path / "data"],
     ):
-        one_line(capsys, *args, says=(f"data folder {tmp_path / 'data'} is a file, not a folder",))
+        one_line(capsys, *args, says=(f"data folder {tmp_path / 'data'} is not a folder",))
     assert (tmp_path / "data").read_text() == "x" and not (tmp_path / "e").exists()
 
 
@@ -386,17 +398,18 @@ def _bad_config(store: Path) -> None:
     [
         (_random_bytes, "is not a readable experiment store (file is not a database)"),
         (lambda s: s.mkdir(parents=True), "is a folder, not a file"),
+        (lambda s: (s.parent.mkdir(parents=True), os.mkfifo(s)), "is not a regular file"),  # SQLite would hang
         (_foreign, "not an experiment store"),
         (_bad_config, "is not a readable experiment store (its config is not a table of sections)"),
     ],
-    ids=["random-bytes", "a-folder", "foreign-sqlite", "config-not-a-table"],
+    ids=["random-bytes", "a-folder", "a-fifo", "foreign-sqlite", "config-not-a-table"],
 )
 def test_a_broken_store_is_one_line_in_every_command_and_is_left_alone(data, capsys, tmp_path, make, says):
     exp = tmp_path / "exp"
     store = exp / "store.sqlite"
     make(store)
     before = tree(exp)
-    content = store.read_bytes() if store.is_file() else None
+    content = store.read_bytes() if store.is_file() else None  # (reading a FIFO would wait)
     for args in (
         ["search", "--exp", exp, "--data-dir", data],
         ["status", "--exp", exp],
