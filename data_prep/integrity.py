@@ -52,6 +52,8 @@ def validate_manifest(manifest: Any, path: Path) -> Dict[str, Any]:
         shape = s.get("shape")
         if not isinstance(shape, list) or len(shape) != 3 or not all(_positive_int(x) for x in shape):
             raise bad(f"{name}.shape {shape!r} is not [channels, height, width]")
+        if s.get("dtype") not in ("uint8", "float32"):
+            raise bad(f"{name}.dtype {s.get('dtype')!r}")
     return manifest
 
 

@@ -242,6 +242,8 @@ class ExperimentStore:
     @classmethod
     def open_readonly(cls, path: Path) -> "ExperimentStore":
         path = Path(path)
+        if path.is_file() and path.stat().st_size == 0:
+            raise StoreError(f"experiment store {path} is empty (a search may be creating it)")
         try:
             store = cls(path, _connect(path, readonly=True), None)
         except (sqlite3.Error, OSError) as exc:
