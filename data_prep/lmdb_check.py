@@ -4,8 +4,9 @@ LMDB memory-maps ``data.mdb`` and trusts it: a truncated file kills the reader
 with SIGBUS, a zeroed branch page aborts it on an assertion.  So before anything
 maps the file, :func:`lmdb_file_problem` reads the two meta pages with
 ``struct`` (magic, page size, last used page) and compares the file size with
-what the newer valid meta page says; and :func:`walk_lmdb` walks every leaf
-page in a forked child, so that a crash there is a one-line error here.
+what the newer valid meta page says; and :func:`in_child` runs the reading part
+of ``quick_check_lmdb`` (every leaf page walked) in a forked child, so that a
+crash there is a one-line error here.
 """
 
 import faulthandler
@@ -20,9 +21,8 @@ MDB_MAGIC = 0xBEEFC0DE
 P_META = 0x08
 _PAGE_HEADER = struct.Struct("=QHHI")  # mp_pgno, mp_pad, mp_flags, mp_lower/mp_upper (64-bit build)
 _META_HEAD = struct.Struct("=IIQQ")  # mm_magic, mm_version, mm_address, mm_mapsize
-_DB = struct.Struct(
-    "=IHHQQQQQ"
-)  # md_pad (page size in the free DB), flags, depth, branch, leaf, overflow, entries, root
+# MDB_db: md_pad (the page size, in the free DB), flags, depth, branch, leaf, overflow pages, entries, root
+_DB = struct.Struct("=IHHQQQQQ")
 _META_TAIL = struct.Struct("=QQ")  # mm_last_pg, mm_txnid
 
 
