@@ -133,7 +133,11 @@ def remove_path(path: Path) -> None:
 
 @contextlib.contextmanager
 def prepare_lock(folder: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold an flock on the folder itself (no lock file to leave behind; the kernel drops it if we die)."""
+    """Hold an flock on the folder itself (no lock file to leave behind; the kernel drops it if we die).
+
+    Where a folder cannot be flocked (NFS emulates flock with write locks), a ``.prepare.lock``
+    file in it is locked instead.
+    """
     fd = os.open(str(folder), os.O_RDONLY)
     try:
         try:
@@ -141,6 +145,12 @@ def prepare_lock(folder: Path, log: Callable[[str], None]) -> Iterator[None]:
         except BlockingIOError:
             log(f"data: waiting for another process that is preparing {folder}")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = -1
+            fd = os.open(str(Path(folder) / ".prepare.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
