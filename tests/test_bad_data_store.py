@@ -3,9 +3,11 @@ foreign or read-only experiment store and an unwritable output folder each end i
 exit status 2 -- no traceback, no crash, nothing half-created -- or, for ``prepare``, in a rebuild."""
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from data_prep.integrity import check_manifest_matches
+from data_prep.integrity import check_manifest_matches, prepare_lock
 from data_prep.lmdb_check import lmdb_file_problem
 from data_prep.lmdb_writer import check_lmdb, iter_lmdb, quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
@@ -508,3 +510,22 @@ def test_three_prepares_at_once_write_the_folder_once(tmp_path, digits_data):
     assert tree(folder) == tree(digits_data[0])
     for name in ("train", "val", "train_full", "test"):
         assert records(folder / f"{name}.lmdb") == records(digits_data[0] / f"{name}.lmdb")
+
+
+def test_prepare_lock_falls_back_to_a_lock_file_where_a_folder_cannot_be_flocked(tmp_path, monkeypatch):
+    """NFS emulates flock with write locks, so a read-only folder descriptor cannot be locked there."""
+    real = fcntl.flock
+
+    def nfs_like(fd, op):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_like)
+    with prepare_lock(tmp_path, lambda _m: None):
+        other = os.open(str(tmp_path / ".prepare.lock"), os.O_WRONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                real(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a second prepare would wait
+        finally:
+            os.close(other)
