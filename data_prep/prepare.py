@@ -15,7 +15,6 @@ options are refused with a message instead of mixing two preparations.
 """
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +23,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from data_prep import preprocess
+from data_prep.integrity import damaged_sets, discard_partial, prepare_lock, remove_path, validate_manifest
 from data_prep.lmdb_writer import write_lmdb
 from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
 from data_prep.split import stratified_split
+from qagent.outdir import os_reason, writing_into
 
 MANIFEST = "manifest.json"
 # Record keys as Caffe's converters write them: convert_cifar_data uses 5 digits, convert_mnist_data 8.
@@ -57,10 +58,12 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
+    if not path.is_file():  # a folder, or a FIFO that reading would wait on forever
+        raise DataError(f"{path}: corrupt manifest (not a regular file)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: corrupt manifest ({exc})") from None
+        return validate_manifest(json.loads(path.read_text()), path)
+    except (OSError, ValueError) as exc:  # unreadable (a folder, no permission), not UTF-8, not JSON
+        raise DataError(f"{path}: corrupt manifest ({os_reason(exc)})") from None
 
 
 def stale_reason(manifest: Dict[str, Any]) -> Optional[str]:
@@ -86,25 +89,59 @@ def prepare(
     out_dir: Path,
     source: Optional[Path] = None,
     log: Callable[[str], None] = print,
+    repair: bool = True,
 ) -> Dict[str, Any]:
+    """Prepare ``out_dir`` unless it already is; sets found missing or corrupt are rebuilt (``repair``) or refused.
+
+    A complete folder is only read (it may be read-only); writing happens under a lock on
+    the folder, so two searches that start at once on fresh data do not write it twice.
+    """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"data folder {out_dir} is not a folder")
+    manifest = _prepared(options, out_dir, log, repair)
+    if manifest is not None:
+        return manifest
+    t0 = time.time()
+    with writing_into(out_dir, "data folder"), prepare_lock(out_dir, log):  # one line for read-only or full
+        manifest = _prepared(options, out_dir, lambda _m: None, repair)  # another process may have done it
+        if manifest is not None:
+            return manifest
+        try:
+            data = read_dataset(options.dataset, source, options.seed)
+            if (out_dir / MANIFEST).exists():
+                (out_dir / MANIFEST).unlink()  # damaged: incomplete until the rebuild writes it again
+            manifest = build(data, options, out_dir, log)
+        except BaseException:
+            discard_partial(out_dir)
+            raise
+    log(f"data: wrote {out_dir} in {time.time() - t0:.1f} s")
+    return manifest
+
+
+def _prepared(
+    options: PrepOptions, out_dir: Path, log: Callable[[str], None], repair: bool
+) -> Optional[Dict[str, Any]]:
+    """The manifest if ``out_dir`` is complete and sound, None if it must be (re)built; refuses other options."""
     existing = read_manifest(out_dir)
-    if existing is not None:
-        stale = stale_reason(existing)
-        if stale:
-            raise DataError(f"{out_dir}: {stale}; delete it (or use another --data-dir) and prepare again")
-        if existing.get("options") == asdict(options):
-            log(f"data: {out_dir} already prepared with these options")
-            return existing
+    if existing is None:
+        return None
+    stale = stale_reason(existing)
+    if stale:
+        raise DataError(f"{out_dir}: {stale}; delete it (or use another --data-dir) and prepare again")
+    if existing.get("options") != asdict(options):
         raise DataError(
             f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
             "use another --data-dir or delete it"
         )
-    t0 = time.time()
-    data = read_dataset(options.dataset, source, options.seed)
-    manifest = build(data, options, out_dir, log)
-    log(f"data: wrote {out_dir} in {time.time() - t0:.1f} s")
-    return manifest
+    damaged = damaged_sets(out_dir, existing)
+    if not damaged:
+        log(f"data: {out_dir} already prepared with these options")
+        return existing
+    if not repair:
+        raise DataError(f"{out_dir / damaged[0]}; run `metaqnn prepare` with these options to rebuild it")
+    log(f"data: {out_dir}: {'; '.join(damaged)}: rebuilding")
+    return None
 
 
 def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -147,8 +184,7 @@ def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str
     }
     for name, (split, fn) in sets.items():
         target = out_dir / f"{name}.lmdb"
-        if target.exists():
-            shutil.rmtree(target)  # a previous run died before writing the manifest
+        remove_path(target)  # a previous run died before writing the manifest, or the set is damaged
         images = preprocess.pad(fn(split.images), options.pad if name in PADDED_SETS else 0)
         log(f"data: writing {target.name}: {len(split.labels)} images {images.shape[1:]} {images.dtype}")
         write_lmdb(target, images, split.labels, key_digits=KEY_DIGITS.get(data.name, 8))

@@ -23,8 +23,9 @@ from metaqnn.solverspec import Protocol, solver_fields
 from metaqnn.weights import caffemodel_to_hdf5
 from qagent.arch import Layer, parse_architecture
 from qagent.errors import ConfigError
+from qagent.outdir import writing_into
 from qagent.space import trajectory_of
-from qagent.store import ExperimentStore
+from qagent.store import ExperimentStore, ModelRow
 
 
 def dataset_sizes(config: Config, data_dir: Optional[Path] = None) -> Dict[str, int]:
@@ -126,7 +127,6 @@ def render_model(
             raise
         except ValueError as exc:  # InvalidArchitectureError: the agent's own reason
             raise type(exc)(f"{exc} in the {config.name} space (render it anyway with --off-space)") from None
-    out.mkdir(parents=True, exist_ok=True)
     spec = net_spec(config, layers, False, manifest_dir)
     files = {
         "net.prototxt": render_net(spec),
@@ -142,9 +142,10 @@ def render_model(
         + "\n",
     }
     written = []
-    for name, text in files.items():
-        (out / name).write_text(text)
-        written.append(out / name)
+    with writing_into(out, "output folder"):
+        for name, text in files.items():
+            (out / name).write_text(text)
+            written.append(out / name)
     return written
 
 
@@ -170,6 +171,11 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
         data_dir = experiment_data_dir(store)
     if not models:
         raise ConfigError(f"experiment {exp_dir} has no trained model to export yet")
+    with writing_into(out, "export folder"):
+        return _export(config, models, data_dir, out, exp_dir / "models")
+
+
+def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, model_dirs: Path) -> List[str]:
     rows = []
     for rank, m in enumerate(models, 1):
         folder = out / f"{rank:02d}_model{m.id:05d}"
@@ -185,7 +191,7 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
             "dataset": config.name,
         }
         render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta, off_space=True)
-        export_weights(exp_dir / "models" / f"{m.id:05d}", m.metrics.get("best_iteration"), folder)
+        export_weights(model_dirs / f"{m.id:05d}", m.metrics.get("best_iteration"), folder)
         params = json.loads((folder / "metadata.json").read_text())["param_count"]
         rows.append(
             {

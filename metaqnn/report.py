@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from metaqnn.search import STORE_NAME, experiment_config, format_summary, summary
 from qagent.arch import parse_architecture
 from qagent.errors import StoreError
+from qagent.outdir import writing_into
 from qagent.space import State
 from qagent.store import ExperimentStore
 
@@ -152,8 +153,7 @@ def _lines(data: Dict[Any, Dict[int, float]], out: Path, title: str, label: str)
 
 
 def write_report(exp_dir: Path, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store, writing_into(out, "report folder"):
         samples = _samples(store)
         if not samples:
             raise StoreError(f"experiment {exp_dir} has no results yet")
@@ -167,40 +167,40 @@ def write_report(exp_dir: Path, out: Path) -> Path:
         )
         s = summary(store)
         top = store.top_models(10)
-    lines = [
-        f"# MetaQNN experiment `{exp_dir.name}` ({cfg.name})",
-        "",
-        f"{len(samples)} sampled architectures ({len(s['top'])} shown below), "
-        f"{sum(v['models'] for v in s['per_epsilon'].values())} unique models trained.",
-        "",
-        "## Mean accuracy of sampled models per ε (Figure 3 bars)",
-        "",
-        "| ε | mean accuracy (samples) |",
-        "|---:|---:|",
-        *[f"| {e:g} | {m:.4f} |" for e, m in sorted(means.items(), reverse=True)],
-        "",
-        "![Figure 3](fig3_rolling_accuracy.png)",
-        "",
-        "![Figure A2](figA2_accuracy_by_eps.png)",
-        "",
-        "![Figure A3](figA3_q_by_layer_type.png)",
-        "",
-        "![Figure A4](figA4_q_by_receptive.png)",
-        "",
-        "## Unique models per ε and top models",
-        "",
-        "```",
-        format_summary(s),
-        "```",
-        "",
-        "| rank | model | val. acc. | layers | restarts | lr |",
-        "|---:|---:|---:|---:|---:|---:|",
-        *[
-            f"| {i} | {m.id} | {m.reward:.4f} | {len(parse_architecture(m.arch)) - 1} | {m.metrics.get('restarts')} "
-            f"| {m.metrics.get('learning_rate')} |"
-            for i, m in enumerate(top, 1)
-        ],
-    ]
-    page = out / "report.md"
-    page.write_text("\n".join(lines) + "\n")
+        lines = [
+            f"# MetaQNN experiment `{exp_dir.name}` ({cfg.name})",
+            "",
+            f"{len(samples)} sampled architectures ({len(s['top'])} shown below), "
+            f"{sum(v['models'] for v in s['per_epsilon'].values())} unique models trained.",
+            "",
+            "## Mean accuracy of sampled models per ε (Figure 3 bars)",
+            "",
+            "| ε | mean accuracy (samples) |",
+            "|---:|---:|",
+            *[f"| {e:g} | {m:.4f} |" for e, m in sorted(means.items(), reverse=True)],
+            "",
+            "![Figure 3](fig3_rolling_accuracy.png)",
+            "",
+            "![Figure A2](figA2_accuracy_by_eps.png)",
+            "",
+            "![Figure A3](figA3_q_by_layer_type.png)",
+            "",
+            "![Figure A4](figA4_q_by_receptive.png)",
+            "",
+            "## Unique models per ε and top models",
+            "",
+            "```",
+            format_summary(s),
+            "```",
+            "",
+            "| rank | model | val. acc. | layers | restarts | lr |",
+            "|---:|---:|---:|---:|---:|---:|",
+            *[
+                f"| {i} | {m.id} | {m.reward:.4f} | {len(parse_architecture(m.arch)) - 1} | {m.metrics.get('restarts')} "
+                f"| {m.metrics.get('learning_rate')} |"
+                for i, m in enumerate(top, 1)
+            ],
+        ]
+        page = out / "report.md"
+        page.write_text("\n".join(lines) + "\n")
     return page

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from data_prep.integrity import check_manifest_matches
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
 from metaqnn.caffe import runner
@@ -85,8 +86,22 @@ def prep_options(config: Config) -> PrepOptions:
 
 
 def ensure_data(config: Config, data_dir: Path, source: Optional[Path], log: Callable[[str], None]) -> Dict[str, Any]:
-    """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them."""
-    manifest = prepare(prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg))
+    """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them.
+
+    Damaged data is refused, not rebuilt under an experiment; data that does not fit the config
+    (image size, channels, classes) is refused before any model is sampled.
+    """
+    manifest = prepare(
+        prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg), repair=False
+    )
+    check_manifest_matches(
+        manifest,
+        config.space.image_size,
+        config.dataset.channels,
+        config.space.num_classes,
+        crop_size=config.render.crop_size,
+        where=data_dir,
+    )
     for name in ("train", "val"):
         quick_check_lmdb(data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
     return manifest
@@ -190,7 +205,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
         gpu=options.gpus[0] if options.gpus and not options.ray else None,
     )
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
-        store.set_meta("data_dir", str(data_dir))
+        store.set_meta("data_dir", str(data_dir))  # the experiment exists only once everything above passed
         agent = Agent(space, config.schedule, config.agent)
         store.load_agent(agent)
         progress = Progress(agent, store, log)

@@ -12,18 +12,23 @@ process dies, so kill -9 leaves no stale lock); readers (``status``, reports)
 open the database read-only and need no lock (WAL mode).
 """
 
+import contextlib
 import fcntl
+import functools
 import json
 import os
+import shutil
 import sqlite3
 import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, TypeVar, cast
+from urllib.parse import quote
 
 from qagent.agent import Agent, AgentState, Proposal
-from qagent.errors import StoreError, StoreLockedError
+from qagent.errors import MetaQNNError, StoreError, StoreLockedError
+from qagent.outdir import first_missing, make_output_dir, os_reason
 from qagent.space import State
 
 SCHEMA_VERSION = 1
@@ -86,18 +91,101 @@ def _row_to_model(r: sqlite3.Row) -> ModelRow:
     )
 
 
+def _check_is_file(path: Path) -> None:
+    """Refuse a store path that is a folder, a FIFO (SQLite would wait on it forever) or a device."""
+    if path.is_dir():
+        raise StoreError(f"experiment store {path} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"experiment store {path} is not a regular file")
+
+
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    _check_is_file(path)
     if readonly:
         if not path.exists():
             raise StoreError(f"no experiment store at {path}")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
+        try:
+            conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            conn.close()
+            if os.access(str(path.parent), os.W_OK):
+                raise
+            # A WAL database in a folder nobody can write to (a read-only mount): no writer can be
+            # active, so the file is read as it is, without the shared-memory file it cannot create.
+            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True, timeout=30)
     else:
         conn = sqlite3.connect(str(path), timeout=30)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "meta" not in tables:  # someone else's database: leave it as it is
+            conn.close()
+            raise StoreError(f"{path} is an SQLite database but not an experiment store")
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives any crash of this process.
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _store_error(path: Path, exc: BaseException) -> StoreError:
+    """One line for a failing store: not a database, read-only, disk full, cannot be opened."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = text.lower()
+    if isinstance(exc, OSError):
+        return StoreError(f"cannot use experiment store {path}: {os_reason(exc)}")
+    if "not a database" in low or "malformed" in low:
+        return StoreError(f"{path} is not a readable experiment store ({text})")
+    if "no such table" in low or "no such column" in low:
+        return StoreError(f"{path} is not an experiment store ({text})")
+    if "readonly" in low or "read-only" in low:
+        return StoreError(f"cannot write experiment store {path}: it is read-only ({text})")
+    if "disk is full" in low or "no space" in low or ("disk i/o error" in low and _nearly_full(path.parent)):
+        return StoreError(f"cannot write experiment store {path}: no space left on device ({text})")
+    if "unable to open" in low:
+        folder = path.parent
+        why = "its folder is not writable" if not os.access(str(folder), os.W_OK) else text
+        return StoreError(f"cannot open experiment store {path}: {why}")
+    return StoreError(f"experiment store {path}: {text}")
+
+
+def _nearly_full(folder: Path) -> bool:
+    """SQLite reports a failed write to its shared-memory file as a disk I/O error: is the disk full?"""
+    try:
+        st = os.statvfs(str(folder))
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(method: _F) -> _F:
+    """SQLite and OS errors of a store method become one StoreError naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self: "ExperimentStore", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MetaQNNError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_error(self.path, exc) from None
+        except (ValueError, KeyError) as exc:  # a row that does not decode: JSON, a missing key
+            raise StoreError(f"{self.path} is not a readable experiment store ({type(exc).__name__}: {exc})") from None
+
+    return cast(_F, wrapper)
+
+
+def _remove_created(files: List[Path], folder: Optional[Path]) -> None:
+    with contextlib.suppress(OSError):
+        if folder is not None:
+            shutil.rmtree(folder)
+            return
+        for p in files:
+            for f in (p, Path(f"{p}-wal"), Path(f"{p}-shm")):
+                if f.is_file():
+                    f.unlink()
 
 
 class ExperimentStore:
@@ -123,8 +211,16 @@ class ExperimentStore:
         form before the comparison, so an upgrade alone never reads as a changed config.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(str(path) + ".lock", "a+")  # noqa: SIM115 -- held for the store's lifetime
+        new_folder = first_missing(path.parent)
+        make_output_dir(path.parent, "experiment folder")
+        _check_is_file(path)
+        lock_path = Path(str(path) + ".lock")
+        created = [p for p in (lock_path, path) if not os.path.lexists(str(p))]
+        conn: Optional[sqlite3.Connection] = None
+        try:
+            lock = open(lock_path, "a+")  # noqa: SIM115 -- held for the store's lifetime
+        except OSError as exc:
+            raise StoreError(f"cannot open experiment store {path} for writing: {os_reason(exc)}") from None
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,30 +228,55 @@ class ExperimentStore:
             holder = lock.read().strip() or "another process"
             lock.close()
             raise StoreLockedError(f"experiment {path.parent} is already open for writing by {holder}") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}")
-        lock.flush()
         try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()}")
+            lock.flush()
             conn = _connect(path, readonly=False)
-            with conn:
-                conn.executescript(_SCHEMA)
             store = cls(path, conn, lock)
+            store._init_schema()
             store._check_meta(config, normalize)
-        except sqlite3.DatabaseError as exc:
-            lock.close()
-            raise StoreError(f"cannot open experiment store {path}: {exc}") from None
-        except Exception:
-            lock.close()
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            with contextlib.suppress(OSError):  # closing flushes the pid, which fails again on a full disk
+                lock.close()
+            _remove_created(created, new_folder)  # a store that could not be opened leaves nothing behind
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _store_error(path, exc) from None
             raise
         return store
 
     @classmethod
     def open_readonly(cls, path: Path) -> "ExperimentStore":
+        path = Path(path)
+        if path.is_file() and path.stat().st_size == 0:
+            raise StoreError(f"experiment store {path} is empty (a search may be creating it)")
         try:
-            return cls(Path(path), _connect(Path(path), readonly=True), None)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot read experiment store {path}: {exc}") from None
+            store = cls(path, _connect(path, readonly=True), None)
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_error(path, exc) from None
+        try:
+            meta = store.meta()
+            if "config" not in meta:
+                raise StoreError(f"{path} is not an experiment store (no config recorded)")
+            if meta.get("schema") != str(SCHEMA_VERSION):
+                raise StoreError(f"{path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
+            store.config()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @_guarded
+    def _init_schema(self) -> None:
+        """Create the tables of a new store."""
+        with self.conn:
+            self.conn.executescript(_SCHEMA)
+        # Fail now, not at the first result, on a database this process may read but not write.
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("ROLLBACK")
 
     def close(self) -> None:
         self.conn.close()
@@ -169,6 +290,7 @@ class ExperimentStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_guarded
     def _check_meta(
         self, config: Optional[Dict[str, Any]], normalize: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     ) -> None:
@@ -189,7 +311,7 @@ class ExperimentStore:
         if meta.get("schema") != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
         if config is not None:
-            stored = json.loads(meta["config"])
+            stored = self.config()
             given = json.loads(json.dumps(config))
             if stored != given and normalize is not None:
                 stored = normalize(stored)
@@ -201,9 +323,11 @@ class ExperimentStore:
                 )
 
     # -- reading ------------------------------------------------------------------
+    @_guarded
     def meta(self) -> Dict[str, str]:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
 
+    @_guarded
     def set_meta(self, key: str, value: str) -> None:
         """Facts about where the experiment runs (e.g. its data folder), outside the frozen config."""
         with self.conn:
@@ -212,9 +336,14 @@ class ExperimentStore:
                 (key, value),
             )
 
+    @_guarded
     def config(self) -> Dict[str, Any]:
-        return json.loads(self.meta()["config"])
+        config = json.loads(self.meta()["config"])
+        if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+            raise StoreError(f"{self.path} is not a readable experiment store (its config is not a table of sections)")
+        return config
 
+    @_guarded
     def models(self, status: Optional[str] = None) -> List[ModelRow]:
         if status is None:
             rows = self.conn.execute("SELECT * FROM models ORDER BY id")
@@ -222,33 +351,39 @@ class ExperimentStore:
             rows = self.conn.execute("SELECT * FROM models WHERE status = ? ORDER BY id", (status,))
         return [_row_to_model(r) for r in rows]
 
+    @_guarded
     def model(self, arch: str) -> Optional[ModelRow]:
         r = self.conn.execute("SELECT * FROM models WHERE arch = ?", (arch,)).fetchone()
         return None if r is None else _row_to_model(r)
 
+    @_guarded
     def top_models(self, k: int) -> List[ModelRow]:
         rows = self.conn.execute(
             "SELECT * FROM models WHERE status = 'done' ORDER BY reward DESC, id ASC LIMIT ?", (k,)
         )
         return [_row_to_model(r) for r in rows]
 
+    @_guarded
     def samples(self) -> Iterator[sqlite3.Row]:
-        return iter(self.conn.execute("SELECT * FROM samples ORDER BY iteration"))
+        return iter(self.conn.execute("SELECT * FROM samples ORDER BY iteration").fetchall())
 
+    @_guarded
     def q_rows(self) -> Iterator[sqlite3.Row]:
         """(state, actions JSON, q BLOB) rows for reports."""
         return iter(
             self.conn.execute(
                 "SELECT s.state, s.actions, v.q FROM qstates s JOIN qvalues v ON v.id = s.id ORDER BY s.id"
-            )
+            ).fetchall()
         )
 
+    @_guarded
     def trained_per_epsilon(self) -> Dict[float, int]:
         rows = self.conn.execute(
             "SELECT epsilon, COUNT(*) AS n FROM models WHERE status IN ('done', 'failed') GROUP BY epsilon"
         )
         return {r["epsilon"]: r["n"] for r in rows}
 
+    @_guarded
     def rewards_at(self, epsilon: float) -> List[float]:
         """Rewards of the unique models trained at one epsilon (for progress lines)."""
         rows = self.conn.execute(
@@ -260,6 +395,7 @@ class ExperimentStore:
         return self.models("running")
 
     # -- agent state ----------------------------------------------------------------
+    @_guarded
     def load_agent(self, agent: Agent) -> None:
         """Restore Q rows, replay memory, replay dictionary, counts and RNG into a fresh agent."""
         q_rows: List[Tuple[State, Sequence[float]]] = []
@@ -312,6 +448,7 @@ class ExperimentStore:
         )
 
     # -- writing ----------------------------------------------------------------------
+    @_guarded
     def begin_model(self, agent: Agent, proposal: Proposal) -> int:
         """Mark a model as in flight, together with the RNG state after sampling it.
 
@@ -328,6 +465,7 @@ class ExperimentStore:
         row = self.conn.execute("SELECT id FROM models WHERE arch = ?", (proposal.arch,)).fetchone()
         return int(row["id"])
 
+    @_guarded
     def record_result(
         self,
         agent: Agent,
