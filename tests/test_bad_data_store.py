@@ -363,7 +363,9 @@ def test_disk_full_while_a_search_records_a_result(tmpfs):
             store.record_result(agent, p, "done", 0.5, {"padding": "x" * 20000})
     store.close()
     (exp / "filler").unlink()
-    with ExperimentStore.open(exp / "store.sqlite", cfg.to_dict()) as store:  # consistent: each result with its sample row
+    with ExperimentStore.open(
+        exp / "store.sqlite", cfg.to_dict()
+    ) as store:  # consistent: each result with its sample row
         done = {m.arch for m in store.models("done")}
         assert len(done) >= 1 and done == {r["arch"] for r in store.samples()}
         assert all(m.status in ("done", "running") for m in store.models())

@@ -328,3 +328,18 @@ def test_a_binary_file_is_refused_by_compare_and_arch(tmp_path):
     one_line_error(cli("arch", str(blob)), "is not a text prototxt")
     one_line_error(cli("compare", str(blob), str(blob)), "is not a text prototxt")
     one_line_error(cli("arch", str(tmp_path)), "is a directory")
+
+
+@pytest.mark.slow  # runs the command line in subprocesses
+def test_render_with_a_data_dir_needs_prepared_data_that_fits(tmp_path, digits_data):
+    data, _ = digits_data
+    arch = "[C(8,3,1), SM(10)]"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(cli("render", "--arch", arch, "--out", str(tmp_path / "a"), "--data-dir", str(empty)), "no manifest")
+    one_line_error(
+        cli("render", "--dataset", "svhn", "--arch", arch, "--out", str(tmp_path / "b"), "--data-dir", str(data)),
+        "but the prepared data in",
+    )
+    ok = cli("render", "--arch", arch, "--out", str(tmp_path / "c"), "--data-dir", str(data))
+    assert ok.returncode == 0, ok.stderr
