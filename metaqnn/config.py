@@ -13,6 +13,7 @@ every module receives and what the experiment store records (as
 
 import copy
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -177,7 +178,7 @@ def _type_name(tp: Any) -> str:
     if tp is int:
         return "an integer"
     if tp is float:
-        return "a number"
+        return "a finite number"
     if tp is str:
         return "a string"
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -185,6 +186,8 @@ def _type_name(tp: Any) -> str:
         if typing.get_origin(inner) is tuple:
             return f"a list of [{', '.join(_type_name(a).split(' ', 1)[-1] for a in typing.get_args(inner))}] pairs"
         return f"a list of {_type_name(inner).split(' ', 1)[-1]}s"
+    if origin is tuple:
+        return f"a [{', '.join(_type_name(a).split(' ', 1)[-1] for a in args)}] pair"
     if dataclasses.is_dataclass(tp):
         return "a table {" + ", ".join(f.name for f in _fields(tp)) + "}"
     return str(tp)
@@ -207,7 +210,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)

@@ -79,6 +79,11 @@ def fake_caffe(folder: Path, body: str) -> Path:
         ("protocol.search='no_such_protocol'", "unknown protocol 'no_such_protocol'"),
         ("dataset.validation_size=1600", "leaves no training images"),
         ("agent.failure_reward=2", "agent.failure_reward must be in [0, 1]"),
+        ("agent.q_init=inf", "agent.q_init must be a finite number, got inf"),
+        ("render.scale=nan", "render.scale must be a finite number, got nan"),
+        ("schedule.steps=[[1.0]]", "schedule.steps[0] must be"),
+        ("space.pool_pairs=[[2]]", "space.pool_pairs[0] must be"),
+        ("space.image_size=3.5", "space.image_size must be an integer, got 3.5"),
     ],
 )
 def test_a_bad_override_is_refused_with_its_key_named(override, message):
