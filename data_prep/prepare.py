@@ -12,6 +12,8 @@ options are refused with a message instead of mixing two preparations.
 """
 
 import json
+import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +64,33 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
     return [int(c) for c in np.bincount(labels, minlength=num_classes)]
 
 
+_TMP_PID = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Delete ``.<name>.tmp-<pid>`` folders a killed run left behind (its pid is gone).
+
+    A live pid's folder stays: another prepare may be writing it right now."""
+    removed = []
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
+            m = _TMP_PID.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def prepare(
     options: PrepOptions,
     out_dir: Path,
@@ -69,6 +98,8 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     out_dir = Path(out_dir)
+    for stale in remove_stale_temporaries(out_dir):
+        log(f"data: removed {stale.name}, left by a killed run")
     existing = read_manifest(out_dir)
     if existing is not None:
         if existing.get("options") == asdict(options):

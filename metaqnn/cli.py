@@ -9,7 +9,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from metaqnn.caffe.runner import Stall
 
 from qagent.errors import MetaQNNError
 
@@ -57,6 +60,24 @@ def _gpus(args: argparse.Namespace) -> List[int]:
         raise ConfigError(f"--gpus must be a comma-separated list of GPU ids, got {text!r}") from None
 
 
+def _stall(args: argparse.Namespace) -> "Optional[Stall]":
+    """--stall FLOOR[,FACTOR]: kill a caffe silent for max(FLOOR, FACTOR x its epoch time); 0 turns it off."""
+    from metaqnn.caffe.runner import Stall
+    from qagent.errors import ConfigError
+
+    if args.stall is None:
+        return Stall()
+    try:
+        parts = [float(x) for x in args.stall.split(",")]
+    except ValueError:
+        raise ConfigError(f"--stall takes FLOOR[,FACTOR] in seconds, got {args.stall!r}") from None
+    if not 1 <= len(parts) <= 2 or min(parts) < 0:
+        raise ConfigError(f"--stall takes FLOOR[,FACTOR] (non-negative), got {args.stall!r}")
+    if parts[0] == 0:
+        return None
+    return Stall(floor=parts[0], factor=parts[1] if len(parts) > 1 else Stall().factor)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from metaqnn.search import SearchOptions, default_data_dir, format_summary, run_search
 
@@ -73,6 +94,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial,
         timeout=args.timeout,
         max_models=args.max_models,
+        stall=_stall(args),
     )
     result = run_search(config, opts)
     print(format_summary(result))
@@ -225,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs reserved per CPU training")
     p.add_argument("--timeout", type=float, default=None, help="wall-clock limit per caffe run, seconds")
     p.add_argument("--max-models", type=int, default=None, help="stop after training this many new models")
+    p.add_argument(
+        "--stall",
+        default=None,
+        help="watchdog FLOOR[,FACTOR]: stop (and retry once) a caffe that prints nothing for "
+        "max(FLOOR s, FACTOR x its epoch time); default 120,4; 0 turns it off",
+    )
 
     p = add("status", cmd_status, "progress of a running or finished search (read-only)")
     p.add_argument("--exp", help="experiment name or path")

@@ -16,7 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
+from metaqnn import faults
 from metaqnn.caffe.locate import find_caffe
+from metaqnn.caffe.runner import Stall
 from metaqnn.config import PROJECT_ROOT, agent_config_of, schedule_of, space_of
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
 from metaqnn.netspec import Transform
@@ -42,6 +44,15 @@ class SearchOptions:
     timeout: Optional[float] = None
     max_models: Optional[int] = None  # stop after this many newly trained models (demos, tests)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
+    stall: Optional[Stall] = field(default_factory=Stall)  # hung-caffe watchdog (None: off)
+
+    def __post_init__(self) -> None:
+        # resolved here, at the boundary: caffe runs inside each model folder, and the store
+        # records the data folder for export/finetune, so a relative path must not get further
+        self.exp_dir = Path(self.exp_dir).resolve()
+        self.data_dir = Path(self.data_dir).resolve()
+        if self.source is not None:
+            self.source = Path(self.source).resolve()
 
 
 def default_data_dir(config: Dict[str, Any]) -> Path:
@@ -204,6 +215,7 @@ def run_search(config: Dict[str, Any], options: SearchOptions) -> Dict[str, Any]
                 dropout=config.get("render", {}).get("dropout", "paper"),
                 timeout=options.timeout,
                 seed=caffe_seed(agent.config.seed, p.arch),
+                stall=options.stall,
             )
 
         executor = make_executor(options, train_job if options.ray else progress.trainer)
@@ -257,6 +269,7 @@ def search_loop(
         executor.submit(p.arch, make_job(p, model_id))
 
     def commit(p: Proposal, result: TrainResult, model_id: int) -> None:
+        faults.point("commit")
         metrics = result.metrics()
         if result.status == "oom":
             agent.skip(p.arch)
