@@ -17,7 +17,6 @@ from test_trainer import make_job
 
 from metaqnn.caffe import runner
 from metaqnn.caffe.logparse import LogParser, parse_lines
-from metaqnn.caffe.runner import Stall
 from metaqnn.trainer import Trainer
 from qagent.store import ExperimentStore
 
@@ -88,7 +87,7 @@ def test_1_kill_between_result_and_commit_recovers_the_model(tmp_path, digits_da
     rerun = metaqnn(*args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     m = store_models(exp)[1]
-    assert m.status == "done", m.error
+    assert m.status == "done", m.message
     curve = m.metrics["curve"]
     assert m.reward == max(acc for _, acc in curve) > 0.5 and len(curve) == 20
     assert {p.name: p.read_text() for p in model.glob("*.log")} == logs  # caffe did not run again
@@ -150,7 +149,7 @@ def test_4_a_relative_data_dir_trains(tmp_path, digits_data):
     out = metaqnn("search", "--exp", "./exp", "--data-dir", rel, "--seed", "4", "--max-models", "1", *TINY, cwd=work)
     assert out.returncode == 0, out.stdout + out.stderr
     m = store_models(work / "exp")[1]
-    assert m.status == "done" and m.reward > 0.5, m.error
+    assert m.status == "done" and m.reward > 0.5, m.message
     with ExperimentStore.open_readonly(work / "exp" / "store.sqlite") as store:
         assert store.meta()["data_dir"] == str(data.resolve())
 
@@ -169,6 +168,8 @@ class StoppingParser(LogParser):
 
 
 def test_a_stopped_caffe_is_killed_by_the_watchdog_and_retried(digits_data, tmp_path, monkeypatch):
+    from metaqnn.caffe.runner import Stall
+
     job = replace(make_job(digits_data, tmp_path), stall=Stall(floor=1.0, factor=2.0, unmeasured=1.0), timeout=None)
     monkeypatch.setattr(StoppingParser, "folder", job.model_dir)
     monkeypatch.setattr(runner, "LogParser", StoppingParser)
