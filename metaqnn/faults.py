@@ -2,7 +2,8 @@
 the n-th time (default the first) it reaches ``point(<point>)``.  Unset, a point costs one lookup.
 
 The points mark the windows a crash-consistent search must survive: ``result-written`` (the
-model's result.json is on disk, snapshots not yet pruned), ``pruned`` (the final pruning is done,
+model's result.json is on disk, snapshots not yet pruned), ``pruning`` (half-way through the final
+pruning), ``pruned`` (the final pruning is done,
 the trainer has not returned), ``commit`` (the search is about to commit a result to the store).
 """
 

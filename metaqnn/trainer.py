@@ -204,9 +204,12 @@ def prune_by_history(folder: Path, facts: SnapshotFacts, keep: Iterable[int] = (
 
 def final_prune(folder: Path, best_iteration: int) -> None:
     """A finished model keeps only its best weights (idempotent: redone when a result is recovered)."""
-    prune_snapshots(folder, [best_iteration])
-    for p in folder.glob("*.solverstate"):
+    doomed = [p for it, paths in _snapshot_files(folder).items() for p in paths if it != best_iteration]
+    doomed += [p for p in folder.glob("*.solverstate") if p not in doomed]
+    for n, p in enumerate(doomed):
         p.unlink(missing_ok=True)
+        if n == 0:
+            faults.point("pruning")  # a kill half-way through the deletions
 
 
 def write_atomic(path: Path, text: str) -> None:
