@@ -111,7 +111,7 @@ def chaos(exp: Path, data: Path, seed: int, kills: int, caffe_kills: int, rng: r
                 for pid in caffes_of(exp):
                     os.kill(pid, signal.SIGKILL)
                     figures["caffe_kills"] += 1
-            proc.wait(timeout=rng.uniform(0.5, 5.0))
+            proc.wait(timeout=rng.uniform(1.0, 6.0))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -163,7 +163,8 @@ def snapshot_facts(states: Sequence[LogState]) -> SnapshotFacts:
                 if m.group(2) == "solverstate":
                     complete[it] = n < st.snapshots_complete
         for row in st.test_rows:
-            last_test[int(row["NumIters"])] = idx
+            if ACCURACY in row:  # a row still being read has no accuracy yet: not measured
+                last_test[int(row["NumIters"])] = idx
     best = best_of(_accuracy_curve(states))
     return SnapshotFacts(
         best=best[0] if best else None,
