@@ -82,8 +82,9 @@ def finished(exp: Path) -> bool:
 def chaos(exp: Path, data: Path, seed: int, kills: int, caffe_kills: int, rng: random.Random) -> Dict[str, Any]:
     """Kill the search ``kills`` times (and caffe ``caffe_kills`` times), then let it finish."""
     plan = ["time"] * kills
-    for i in rng.sample(range(kills), k=min(kills, 8)):
-        plan[i] = "point"
+    points = [POINTS[n % len(POINTS)] for n in range(min(kills, 2 * len(POINTS)))]  # each point twice
+    for i, point in zip(rng.sample(range(kills), k=len(points)), points):
+        plan[i] = point
     times = [i for i, k in enumerate(plan) if k == "time"]
     for i in rng.sample(times, k=min(caffe_kills, len(times))):
         plan[i] = "caffe"
@@ -92,14 +93,14 @@ def chaos(exp: Path, data: Path, seed: int, kills: int, caffe_kills: int, rng: r
         if finished(exp):
             break
         extra = {}
-        if kind == "point":
-            point = rng.choice(POINTS)
+        if kind in POINTS:
+            point = kind
             extra["METAQNN_KILL_AT"] = f"{point}:{rng.randint(1, 2)}"
         proc = subprocess.Popen(
             search_argv(exp, data, seed), cwd=ROOT, env=env(extra), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         try:
-            if kind == "point":
+            if kind in POINTS:
                 rc = proc.wait(timeout=600)
                 if rc == -signal.SIGKILL:
                     figures["point_kills"][point] = figures["point_kills"].get(point, 0) + 1
@@ -107,7 +108,7 @@ def chaos(exp: Path, data: Path, seed: int, kills: int, caffe_kills: int, rng: r
                     figures["caffe_survivors"] += _survivors(exp)
                 continue
             if kind == "caffe":
-                deadline = time.monotonic() + rng.uniform(2.0, 6.0)
+                deadline = time.monotonic() + rng.uniform(4.0, 10.0)
                 while time.monotonic() < deadline and proc.poll() is None and not caffes_of(exp):
                     time.sleep(0.05)
                 time.sleep(rng.uniform(0.0, 0.5))

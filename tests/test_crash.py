@@ -170,7 +170,7 @@ class StoppingParser(LogParser):
 def test_a_stopped_caffe_is_killed_by_the_watchdog_and_retried(digits_data, tmp_path, monkeypatch):
     from metaqnn.caffe.runner import Stall
 
-    job = replace(make_job(digits_data, tmp_path), stall=Stall(floor=1.0, factor=2.0, unmeasured=1.0), timeout=None)
+    job = replace(make_job(digits_data, tmp_path), stall=Stall(floor=2.0, factor=5.0, unmeasured=60.0), timeout=None)
     monkeypatch.setattr(StoppingParser, "folder", job.model_dir)
     monkeypatch.setattr(runner, "LogParser", StoppingParser)
     started = time.monotonic()

@@ -190,12 +190,11 @@ def run_caffe(
     parser = LogParser()
     t0 = time.monotonic()
     _append_note(log_path, f"{RUN_HEADER}{run_number}: {' '.join(argv)}\n")
+    start = log_path.stat().st_size  # caffe's lines begin here
     pidfile = Path(cwd) / "caffe.pid"
     stop_stale(pidfile)
     out_fd = os.open(str(log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        reader = open(log_path, "rb")  # noqa: SIM115 (closed below, after the last line)
-        reader.seek(0, os.SEEK_END)
         proc = subprocess.Popen(
             list(argv),
             cwd=str(cwd),
@@ -207,8 +206,10 @@ def run_caffe(
             preexec_fn=_die_with_parent(os.getpid()),
         )
     finally:
-        os.close(out_fd)
+        os.close(out_fd)  # the child holds its own copy
     pidfile.write_text(str(proc.pid))
+    reader = open(log_path, "rb")  # noqa: SIM115 (closed after the last line, below)
+    reader.seek(start)
     tail = _Tail(reader)
     why = ""
     try:
