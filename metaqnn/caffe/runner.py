@@ -11,7 +11,6 @@ kernel to kill it when its parent dies (PR_SET_PDEATHSIG), so no caffe outlives 
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -32,8 +31,8 @@ def _load_libc() -> Optional[ctypes.CDLL]:
     """libc for prctl, loaded before any fork (a dlopen in the forked child is not safe)."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    try:  # the interpreter's own symbols include libc (find_library would spawn ldconfig)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
