@@ -86,7 +86,10 @@ def remove_stale_temporaries(folder: Path) -> List[Path]:
         for p in Path(folder).iterdir():
             m = _TMP_PID.match(p.name)
             if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
 

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
+from qagent.errors import MetaQNNError
+
 if TYPE_CHECKING:
     from metaqnn.caffe.runner import Stall
-
-from qagent.errors import MetaQNNError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
