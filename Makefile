@@ -5,6 +5,7 @@
 #   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
 #   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
+#   make chaos                kill -9 a digits search 24 times, resume, compare (not in `make test`: ~10 min)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,7 +30,7 @@ src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
 .PHONY: setup venv caffe demo search status download data report export finetune ensemble compare regenerate-check arch \
-        test test-fast lint typecheck py38 bench clean
+        test test-fast lint typecheck py38 bench chaos clean
 
 setup: venv caffe
 
@@ -108,6 +109,11 @@ bench: setup
 	$(PY) bench/bench_trainer_overhead.py
 	$(PY) bench/bench_lmdb.py
 	$(PY) bench/bench_parallel.py
+
+# Crash consistency under SIGKILL (issue 11): slower than the CI suite, so outside `make test`.
+CHAOS_OUT ?= /tmp/metaqnn-chaos
+chaos: setup
+	$(PY) bench/chaos_search.py --out $(CHAOS_OUT) --kills $(or $(KILLS),24)
 
 clean:
 	rm -rf $(VENV) .deps .pytest_cache .mypy_cache .ruff_cache

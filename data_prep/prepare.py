@@ -14,7 +14,11 @@ generation reads it.  Re-running with the same options is a no-op; different
 options are refused with a message instead of mixing two preparations.
 """
 
+import contextlib
 import json
+import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,6 +88,36 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
     return [int(c) for c in np.bincount(labels, minlength=num_classes)]
 
 
+_TMP_PID = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Delete ``.<name>.tmp-<pid>`` folders a killed run left behind (its pid is gone).
+
+    A live pid's folder stays: another prepare may be writing it right now."""
+    removed = []
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
+            m = _TMP_PID.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def prepare(
     options: PrepOptions,
     out_dir: Path,
@@ -99,6 +133,9 @@ def prepare(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"data folder {out_dir} is not a folder")
+    with contextlib.suppress(OSError):  # best effort: a complete folder may be read-only
+        for stale in remove_stale_temporaries(out_dir):
+            log(f"data: removed {stale.name}, left by a killed run")
     manifest = _prepared(options, out_dir, log, repair)
     if manifest is not None:
         return manifest

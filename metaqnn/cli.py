@@ -6,6 +6,7 @@ exit status 2.  Ctrl-C stops Caffe, leaves the store consistent and exits 130.
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ from qagent.errors import MetaQNNError, quote
 
 if TYPE_CHECKING:
     from metaqnn.config import Config
+
+if TYPE_CHECKING:
+    from metaqnn.caffe.runner import Stall
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +98,24 @@ def _gpus(args: argparse.Namespace) -> List[int]:
     return ids
 
 
+def _stall(args: argparse.Namespace) -> "Optional[Stall]":
+    """--stall FLOOR[,FACTOR]: kill a caffe silent for max(FLOOR, FACTOR x its epoch time); 0 turns it off."""
+    from metaqnn.caffe.runner import Stall
+    from qagent.errors import ConfigError
+
+    if args.stall is None:
+        return Stall()
+    try:
+        parts = [float(x) for x in args.stall.split(",")]
+    except ValueError:
+        raise ConfigError(f"--stall takes FLOOR[,FACTOR] in seconds, got {quote(args.stall)}") from None
+    if not 1 <= len(parts) <= 2 or min(parts) < 0 or not all(math.isfinite(x) for x in parts):
+        raise ConfigError(f"--stall takes FLOOR[,FACTOR] (non-negative numbers), got {quote(args.stall)}")
+    if parts[0] == 0:
+        return None
+    return Stall(floor=parts[0], factor=parts[1] if len(parts) > 1 else Stall().factor)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from metaqnn.search import SearchOptions, default_data_dir, format_summary, run_search
 
@@ -110,6 +132,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_models=args.max_models,
         max_same_failures=args.max_same_failures,
+        stall=_stall(args),
     )
     result = run_search(config, opts)
     print(format_summary(result))
@@ -291,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=POSITIVE_INT,
         default=8,
         help="stop the search when this many models in a row fail the same way (a broken set-up)",
+    )
+    p.add_argument(
+        "--stall",
+        default=None,
+        help="watchdog FLOOR[,FACTOR]: stop (and retry once) a caffe that prints nothing for "
+        "max(FLOOR s, FACTOR x its epoch time); default 120,4; 0 turns it off",
     )
 
     p = add("status", cmd_status, "progress of a running or finished search (read-only)")

@@ -17,8 +17,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from data_prep.integrity import check_manifest_matches
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
+from metaqnn import faults
 from metaqnn.caffe import runner
 from metaqnn.caffe.locate import find_caffe
+from metaqnn.caffe.runner import Stall
 from metaqnn.caffe.schema import load_schema
 from metaqnn.config import PROJECT_ROOT, Config, stored_config, upgrade_record
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
@@ -47,6 +49,15 @@ class SearchOptions:
     max_models: Optional[int] = None  # stop after this many newly trained models (demos, tests)
     max_same_failures: int = 8  # circuit breaker: stop after this many identical model failures in a row
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
+    stall: Optional[Stall] = field(default_factory=Stall)  # hung-caffe watchdog (None: off)
+
+    def __post_init__(self) -> None:
+        # resolved here, at the boundary: caffe runs inside each model folder, and the store
+        # records the data folder for export/finetune, so a relative path must not get further
+        self.exp_dir = Path(self.exp_dir).resolve()
+        self.data_dir = Path(self.data_dir).resolve()
+        if self.source is not None:
+            self.source = Path(self.source).resolve()
 
 
 def default_data_dir(config: Config) -> Path:
@@ -227,6 +238,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
                 dropout=config.render.dropout,
                 timeout=options.timeout,
                 seed=caffe_seed(agent.config.seed, p.arch),
+                stall=options.stall,
             )
 
         executor = make_executor(options, train_job if options.ray else progress.trainer)
@@ -286,6 +298,7 @@ def search_loop(
         executor.submit(p.arch, make_job(p, model_id))
 
     def commit(p: Proposal, result: TrainResult, model_id: int) -> None:
+        faults.point("commit")
         metrics = result.metrics()
         if result.status == "oom":
             agent.skip(p.arch)

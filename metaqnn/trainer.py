@@ -12,6 +12,12 @@ exception (except Ctrl-C and missing data, which stop the whole search).  The
 model folder holds the rendered files, one log per caffe run, CSV curves and
 the pruned snapshots; ``state.json`` lets a crashed search resume a half-trained
 model from its last snapshot.
+
+Crash consistency (kill -9 anywhere): caffe's log reaches the disk before anything acts on it;
+the reward and the snapshots to keep are decided from the model's *complete* history (every run
+of its lineage, parsed from the logs) and the snapshot files, never from how far a live reader
+got; ``result.json`` is written atomically before the final pruning, and a model whose
+``result.json`` exists is recovered from it instead of being trained again.
 """
 
 import hashlib
@@ -23,16 +29,16 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from metaqnn import faults
-from metaqnn.caffe.logparse import LogState, parse_lines, write_csvs
-from metaqnn.caffe.runner import RunOutcome, run_caffe, train_argv
+from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_runs, write_csvs
+from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
 from metaqnn.failures import InfrastructureError, infrastructure_reason
 from metaqnn.netspec import Transform, build_net
 from metaqnn.render import render_net, render_solver
 from metaqnn.solverspec import Protocol, solver_fields
-from qagent.arch import Layer
+from qagent.arch import Layer, format_architecture
 
 ACCURACY = "Accuracy1"
 _SNAP_ITER = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
@@ -67,6 +73,12 @@ class TrainJob:
     timeout: Optional[float] = None
     retries: int = 1  # extra attempts for transient failures (timeout, killed by a signal)
     seed: Optional[int] = None  # Caffe's random_seed (weight fillers, dropout): CPU training is then repeatable
+    stall: Optional[Stall] = field(default_factory=Stall)  # watchdog for a hung or stopped caffe; None: off
+
+    def __post_init__(self) -> None:
+        # caffe runs inside the model folder: a relative path would point somewhere else there
+        for name in ("model_dir", "train_lmdb", "val_lmdb"):
+            object.__setattr__(self, name, Path(getattr(self, name)).resolve())
 
 
 @dataclass
@@ -77,7 +89,7 @@ class TrainResult:
     best_iteration: Optional[int] = None
     learning_rate: Optional[float] = None
     restarts: int = 0
-    failure: Optional[str] = None  # no_learning | diverged | rejected | crashed | timeout
+    failure: Optional[str] = None  # no_learning | diverged | rejected | crashed | timeout | stalled
     message: str = ""
     curve: List[Tuple[int, float]] = field(default_factory=list)
     wall_time: float = 0.0
@@ -92,13 +104,22 @@ class TrainResult:
 
 
 def _accuracy_curve(states: Sequence[LogState]) -> List[Tuple[int, float]]:
+    """(iteration, accuracy) over runs given oldest first; a later measurement of an iteration wins."""
     by_iter: Dict[int, float] = {}
     for st in states:
         for row in st.test_rows:
             v = row.get(ACCURACY)
+            it = int(row["NumIters"])
             if v is not None and math.isfinite(v) and not row.get("_nan_before"):
-                by_iter[int(row["NumIters"])] = v
+                by_iter[it] = v
+            else:
+                by_iter.pop(it, None)
     return sorted(by_iter.items())
+
+
+def best_of(curve: Sequence[Tuple[int, float]]) -> Optional[Tuple[int, float]]:
+    """The highest accuracy, the earliest iteration among ties (the result and the pruning agree)."""
+    return max(curve, key=lambda p: (p[1], -p[0])) if curve else None
 
 
 def _snapshot_files(folder: Path) -> Dict[int, List[Path]]:
@@ -112,11 +133,120 @@ def _snapshot_files(folder: Path) -> Dict[int, List[Path]]:
 
 
 def prune_snapshots(folder: Path, keep: Sequence[int]) -> None:
-    """Delete every snapshot whose iteration is not in ``keep`` (resume point, best, probe)."""
+    """Delete every snapshot whose iteration is not in ``keep``."""
     for it, paths in _snapshot_files(folder).items():
         if it not in keep:
             for p in paths:
                 p.unlink(missing_ok=True)
+
+
+@dataclass
+class SnapshotFacts:
+    """What a model's history says about its snapshot files."""
+
+    best: Optional[int]  # iteration of the best accuracy over the whole history
+    tested: Set[int]  # iterations whose latest snapshot was tested afterwards
+    complete: Set[int]  # iterations whose latest solverstate write is confirmed by a later log line
+    mentioned: Set[int]  # iterations any run logged a snapshot for
+
+
+def snapshot_facts(states: Sequence[LogState]) -> SnapshotFacts:
+    last_snap: Dict[int, int] = {}
+    last_test: Dict[int, int] = {}
+    complete: Dict[int, bool] = {}
+    for idx, st in enumerate(states):
+        for n, path in enumerate(st.snapshots):
+            m = _SNAP_ITER.search(path)
+            if m:
+                it = int(m.group(1))
+                last_snap[it] = idx
+                if m.group(2) == "solverstate":
+                    complete[it] = n < st.snapshots_complete
+        for row in st.test_rows:
+            if ACCURACY in row:  # a row still being read has no accuracy yet: not measured
+                last_test[int(row["NumIters"])] = idx
+    best = best_of(_accuracy_curve(states))
+    return SnapshotFacts(
+        best=best[0] if best else None,
+        tested={it for it, idx in last_test.items() if idx >= last_snap.get(it, -1)},
+        complete={it for it, ok in complete.items() if ok},
+        mentioned=set(last_snap),
+    )
+
+
+def resume_point(folder: Path, facts: SnapshotFacts, min_iter: int = 0) -> Optional[int]:
+    """Newest iteration whose weights and solver state are both on disk and completely written.
+
+    A snapshot no log mentions (a log from before logs went to disk unbuffered) is trusted as is.
+    """
+    files = _snapshot_files(folder)
+    ok = [
+        it
+        for it, paths in files.items()
+        if it >= min_iter
+        and {p.suffix for p in paths} >= {".caffemodel", ".solverstate"}
+        and (it in facts.complete or it not in facts.mentioned)
+    ]
+    return max(ok) if ok else None
+
+
+def prune_by_history(folder: Path, facts: SnapshotFacts, keep: Iterable[int] = ()) -> None:
+    """Delete only what can never matter: a snapshot whose accuracy is known and is not the best,
+    unless it is the resume point.  Untested snapshots (caffe may be ahead of the log reader, or
+    was killed before testing them) and the best weights over *all* runs always stay."""
+    resume = resume_point(folder, facts)
+    for it, paths in _snapshot_files(folder).items():
+        if it == resume or it in keep or it not in facts.tested:
+            continue
+        for p in paths:
+            if it != facts.best or p.suffix != ".caffemodel":
+                p.unlink(missing_ok=True)
+
+
+def final_prune(folder: Path, best_iteration: int) -> None:
+    """A finished model keeps only its best weights (idempotent: redone when a result is recovered)."""
+    doomed = [p for it, paths in _snapshot_files(folder).items() for p in paths if it != best_iteration]
+    doomed += [p for p in folder.glob("*.solverstate") if p not in doomed]
+    for n, p in enumerate(doomed):
+        p.unlink(missing_ok=True)
+        if n == 0:
+            faults.point("pruning")  # a kill half-way through the deletions
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the folder: after a kill the file is either old or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fd = os.open(str(path.parent), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _runs_of(log: Path) -> List[LogState]:
+    return [parse_lines(lines) for _, lines in split_runs(log.read_text(errors="replace").splitlines())]
+
+
+_LOG_NAME = re.compile(r"^(probe(\d+)|train\d+)(_retry\d+)?\.log$")
+
+
+def read_runs(folder: Path, restart: Optional[int]) -> List[LogState]:
+    """Every caffe run of the model's lineage -- the probe with this restart index (all probes if
+    None) and every full-training run -- parsed from the logs, oldest first by run number."""
+    keyed = []
+    for log in folder.glob("*.log"):
+        m = _LOG_NAME.match(log.name)
+        if m is None or (m.group(2) is not None and restart is not None and int(m.group(2)) != restart):
+            continue
+        mtime = log.stat().st_mtime_ns
+        for i, (number, lines) in enumerate(split_runs(log.read_text(errors="replace").splitlines())):
+            keyed.append(((number, mtime, log.name, i), parse_lines(lines)))
+    return [st for _, st in sorted(keyed, key=lambda kv: kv[0])]
 
 
 class Trainer:
@@ -137,9 +267,7 @@ class Trainer:
         return json.loads(p.read_text()) if p.exists() else {"phase": "probe", "restart": 0, "runs": 0}
 
     def _save_state(self) -> None:
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state))
-        tmp.replace(self.dir / "state.json")
+        write_atomic(self.dir / "state.json", json.dumps(self.state))
 
     def _write_solver(self, name: str, lr: float, epochs: int) -> Path:
         proto = self.job.protocol.with_overrides(base_lr=lr, random_seed=self.job.seed)
@@ -163,30 +291,31 @@ class Trainer:
                 raise DataMissingError(f"training data missing: {p} (run `make data` or `metaqnn prepare`)")
 
     # -- one caffe run ----------------------------------------------------------------
+    def _history(self) -> List[LogState]:
+        """The model's complete recorded history: the current probe's runs, then the full runs."""
+        return read_runs(self.dir, self.state.get("restart", 0))
+
     def _run(self, solver: Path, snapshot: Optional[Path], label: str, keep: Sequence[int]) -> RunOutcome:
         self._check_data()
         self.state["runs"] += 1
         self._save_state()
         log = self.dir / f"{label}.log"
-        best_iter: List[int] = []
-        seen = {"tests": 0, "snapshots": 0}
+        prior = self._history()
+        prior_epoch = next(
+            (e for e in map(lambda st: measured_epoch_seconds(st, self.ipe), reversed(prior)) if e is not None), None
+        )
+        seen = {"tests": 0}
 
         def on_line(st: LogState) -> None:
-            if len(st.test_rows) != seen["tests"]:
-                seen["tests"] = len(st.test_rows)
-                row = st.test_rows[-1]
-                acc = row.get(ACCURACY)
-                if acc is not None:
-                    self.progress(f"epoch {int(row['NumIters']) // self.ipe} acc {acc:.4f}")
-            # a snapshot is two lines (weights, then solver state): prune once the pair is written
-            if len(st.snapshots) != seen["snapshots"] and len(st.snapshots) % 2 == 0:
-                seen["snapshots"] = len(st.snapshots)
-                best = st.best_test(ACCURACY)
-                if best is not None:
-                    best_iter[:] = [best[0]]
-                latest = _SNAP_ITER.search(st.snapshots[-1])
-                if latest:
-                    prune_snapshots(self.snap_dir, [int(latest.group(1)), *best_iter, *keep])
+            if len(st.test_rows) == seen["tests"]:
+                return
+            seen["tests"] = len(st.test_rows)
+            row = st.test_rows[-1]
+            acc = row.get(ACCURACY)
+            if acc is not None:
+                self.progress(f"epoch {int(row['NumIters']) // self.ipe} acc {acc:.4f}")
+            # a test line is a safe point: the snapshot it measured is now known to be best or not
+            prune_by_history(self.snap_dir, snapshot_facts([*prior, st]), keep)
 
         outcome = run_caffe(
             train_argv(self.job.caffe, solver, snapshot, self.job.gpu),
@@ -194,10 +323,14 @@ class Trainer:
             log_path=log,
             timeout=self.job.timeout,
             on_line=on_line,
+            stall=self.job.stall,
+            iters_per_epoch=self.ipe,
+            epoch_seconds=prior_epoch,
+            run_number=self.state["runs"],
         )
         self.caffe_time += outcome.wall_time
         self.states.append(outcome.state)
-        write_csvs(parse_lines(log.read_text().splitlines()), log.with_suffix(""))
+        write_csvs(merge_states(_runs_of(log)), log.with_suffix(""))  # each iteration once, the latest
         return outcome
 
     def _classify(self, o: RunOutcome) -> Optional[Tuple[str, str, str]]:
@@ -210,6 +343,8 @@ class Trainer:
             return "oom", "oom", "CUDA out of memory: " + (st.fatal[0] if st.fatal else "")
         if o.timed_out:
             return "failed", "timeout", f"stopped after the wall-clock limit of {self.job.timeout} s"
+        if o.stalled:
+            return "failed", "stalled", "caffe printed nothing for longer than the stall watchdog allows"
         if o.stopped_for_nan:
             return None  # handled by the protocol (divergence)
         self._check_data()
@@ -232,8 +367,8 @@ class Trainer:
             verdict = self._classify(o)
             transient = (
                 verdict is not None
-                and verdict[1] in ("timeout", "crashed")
-                and (verdict[1] == "timeout" or o.signal is not None)
+                and verdict[1] in ("timeout", "stalled", "crashed")
+                and (verdict[1] != "crashed" or o.signal is not None)
             )
             if verdict is None or not transient:
                 return o, verdict
@@ -248,14 +383,36 @@ class Trainer:
         return int(m.group(1)) if m else 0
 
     def _latest_solverstate(self, min_iter: int = 0) -> Optional[Path]:
-        files = _snapshot_files(self.snap_dir)
-        its = sorted(i for i, ps in files.items() if i >= min_iter and any(p.suffix == ".solverstate" for p in ps))
-        if not its:
+        """The solver state to continue from: newest complete pair per the files and the history."""
+        it = resume_point(self.snap_dir, snapshot_facts(self._history()), min_iter)
+        if it is None:
             return None
-        return next(p for p in files[its[-1]] if p.suffix == ".solverstate").relative_to(self.dir)
+        return next(p for p in _snapshot_files(self.snap_dir)[it] if p.suffix == ".solverstate").relative_to(self.dir)
 
     # -- the protocol --------------------------------------------------------------------
+    def recover(self) -> Optional[TrainResult]:
+        """The result of a training that finished before a crash (its result.json), or None.
+
+        The final pruning is redone: a kill may have come between result.json and the pruning."""
+        path = self.dir / "result.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("architecture") != format_architecture(self.job.layers):
+            return None
+        known = set(TrainResult.__dataclass_fields__)
+        result = TrainResult(**{k: v for k, v in data.items() if k in known})
+        result.curve = [(int(it), float(acc)) for it, acc in result.curve]
+        if result.best_iteration is not None:
+            final_prune(self.snap_dir, result.best_iteration)
+        return result
+
     def train(self) -> TrainResult:
+        recovered = self.recover()
+        if recovered is not None:
+            self.progress("recovered the finished result from result.json")
+            return recovered
         t0 = time.monotonic()
         job = self.job
         faults.inject("trainer")
@@ -282,8 +439,20 @@ class Trainer:
         result.caffe_time = self.caffe_time
         if not result.curve and self.states:
             result.curve = _accuracy_curve(self.states)
-        (self.dir / "result.json").write_text(json.dumps(result.metrics(), indent=1))
+        self._commit(result)
         return result
+
+    def _commit(self, result: TrainResult) -> None:
+        """Make the result durable before deleting anything it was computed from, then prune."""
+        write_csvs(merge_states(self._history()), self.dir / "history")  # every epoch of the lineage, once
+        for path in [*self.dir.glob("*.log"), *self.dir.glob("*.train"), *self.dir.glob("*.test")]:
+            fsync_file(path)
+        record = {"architecture": format_architecture(self.job.layers), **result.metrics()}
+        write_atomic(self.dir / "result.json", json.dumps(record, indent=1))
+        faults.point("result-written")
+        if result.best_iteration is not None:  # a finished model keeps only its best weights
+            final_prune(self.snap_dir, result.best_iteration)
+        faults.point("pruned")
 
     def _protocol(self) -> TrainResult:
         job, proto = self.job, self.job.protocol
@@ -323,8 +492,9 @@ class Trainer:
                 self._save_state()
         lr = state["lr"]
         solver = self._write_solver("solver.prototxt", lr, proto.epochs)
+        finished = self._finished_run(proto.epochs * self.ipe)
         resume = self._latest_solverstate(min_iter=self.ipe)
-        if resume is None:
+        if resume is None and finished is None:
             return TrainResult(
                 "failed",
                 failure="crashed",
@@ -332,14 +502,18 @@ class Trainer:
                 restarts=state["restart"],
                 learning_rate=lr,
             )
-        self.progress(f"training to {proto.epochs} epochs from {resume.name}")
-        o, verdict = self._run_with_retry(solver, resume, f"train{state['runs']}", [self.ipe])
-        if verdict is not None and not (verdict[0] == "failed" and verdict[1] == "timeout"):
+        if finished is not None:  # caffe finished before a crash: nothing to train again
+            o, verdict = RunOutcome(0, finished, 0.0), None
+        else:
+            assert resume is not None
+            self.progress(f"training to {proto.epochs} epochs from {resume.name}")
+            o, verdict = self._run_with_retry(solver, resume, f"train{state['runs']}", [])
+        if verdict is not None and verdict[1] not in ("timeout", "stalled"):
             return TrainResult(
                 verdict[0], failure=verdict[1], message=verdict[2], restarts=state["restart"], learning_rate=lr
             )
-        curve = _accuracy_curve(self._lineage_states(state["restart"]))
-        best = max(curve, key=lambda p: (p[1], -p[0])) if curve else None
+        curve = _accuracy_curve(self._history())
+        best = best_of(curve)
         result = TrainResult("done", restarts=state["restart"], learning_rate=lr, curve=curve)
         if best is not None:
             result.best_iteration, result.best_accuracy = best
@@ -365,14 +539,12 @@ class Trainer:
                 "crashed",
                 "caffe stopped before 'Optimization Done'",
             )
-        if result.best_iteration is not None:  # a finished model keeps only its best weights
-            prune_snapshots(self.snap_dir, [result.best_iteration])
-            for p in self.snap_dir.glob("*.solverstate"):
-                p.unlink()
         return result
 
-    def _lineage_states(self, restart: int) -> List[LogState]:
-        """The passing probe's log and every full-training log, oldest first (survives a search crash)."""
-        logs = sorted(self.dir.glob(f"probe{restart}*.log"), key=lambda p: p.stat().st_mtime)
-        logs += sorted(self.dir.glob("train*.log"), key=lambda p: p.stat().st_mtime)
-        return [parse_lines(log.read_text().splitlines()) for log in logs]
+    def _finished_run(self, max_iter: int) -> Optional[LogState]:
+        """The newest full-training run if it reached 'Optimization Done' at the last iteration."""
+        runs = read_runs(self.dir, self.state.get("restart", 0))
+        last = runs[-1] if runs else None
+        if last is not None and last.done and last.last_iteration >= max_iter:
+            return last
+        return None

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -46,7 +47,10 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
     while time.time() < deadline:  # wait until a few models are done, then kill at a random moment
         time.sleep(0.2)
         if store_path.exists():
-            done, _ = models(store_path)
+            try:
+                done, _ = models(store_path)
+            except sqlite3.OperationalError:  # the file exists, its tables not yet
+                continue
             if sum(m.status in ("done", "failed") for m in done.values()) >= 3:
                 break
     time.sleep(random.Random(seed).uniform(0.0, 1.5))

@@ -37,7 +37,7 @@ def make_job(digits_data, tmp_path, arch=SMALL, **protocol):
 
 
 def test_normal_run_reward_is_the_best_parsed_accuracy(digits_data, tmp_path):
-    result = Trainer(make_job(digits_data, tmp_path)).train()
+    result = Trainer(replace(make_job(digits_data, tmp_path), seed=1)).train()  # seeded: not flaky
     assert result.status == "done" and result.restarts == 0 and result.learning_rate == 0.001
     assert [it for it, _ in result.curve] == [37, 74, 111, 148]  # epoch 1 (probe) + epochs 2-4 (continued)
     assert result.best_accuracy == max(acc for _, acc in result.curve) > 0.8

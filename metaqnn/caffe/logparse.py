@@ -40,6 +40,7 @@ class LogState:
     train_rows: List[Dict[str, float]] = field(default_factory=list)
     test_rows: List[Dict[str, float]] = field(default_factory=list)
     snapshots: List[str] = field(default_factory=list)
+    snapshots_complete: int = 0  # snapshots[:n] are followed by another line: their files are written
     done: bool = False
     diverged: bool = False
     out_of_memory: bool = False
@@ -88,6 +89,10 @@ class LogParser:
 
     def feed(self, line: str) -> None:
         st = self.state
+        # Caffe logs "Snapshotting to ..." *before* writing the file: a later caffe line means it is
+        # complete (not our own "# stopped" notes, written after a kill that may have cut the write).
+        if not line.startswith("# "):
+            st.snapshots_complete = len(st.snapshots)
         m = _PREFIX.match(line)
         if m is None:
             if "Check failure stack trace" in line:
@@ -155,6 +160,44 @@ def parse_lines(lines: Iterable[str], year: Optional[int] = None) -> LogState:
     _fix_initial_nan_lr(parser.state.train_rows)
     _fix_initial_nan_lr(parser.state.test_rows)
     return parser.state
+
+
+def is_run_header(line: str) -> bool:
+    """The comment line the runner writes before each caffe run ("# run N: <argv>"; older logs: "# <argv>")."""
+    return line.startswith("# ") and " train --solver=" in line
+
+
+def run_number(header: str) -> int:
+    """The run counter of a header line; -1 for headers written before runs were numbered."""
+    m = re.match(r"# run (\d+):", header)
+    return int(m.group(1)) if m else -1
+
+
+def split_runs(lines: Iterable[str]) -> List[Tuple[int, List[str]]]:
+    """(run number, lines) of each caffe run appended to one log file, oldest first."""
+    runs: List[Tuple[int, List[str]]] = []
+    for line in lines:
+        if is_run_header(line) or not runs:
+            runs.append((run_number(line) if is_run_header(line) else -1, []))
+        runs[-1][1].append(line)
+    return runs
+
+
+def _latest_per_iteration(rows: Iterable[Dict[str, float]]) -> List[Dict[str, float]]:
+    """One row per NumIters, the latest (a resumed run may measure an iteration again), in order."""
+    by_iter: Dict[float, Dict[str, float]] = {}
+    for r in rows:
+        by_iter[r["NumIters"]] = r
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def merge_states(states: Iterable[LogState]) -> LogState:
+    """The rows of several runs of one model (oldest first) with every iteration exactly once."""
+    states = list(states)
+    merged = LogState()
+    merged.train_rows = _latest_per_iteration(r for st in states for r in st.train_rows)
+    merged.test_rows = _latest_per_iteration(r for st in states for r in st.test_rows)
+    return merged
 
 
 def _fix_initial_nan_lr(rows: List[Dict[str, float]]) -> None:
