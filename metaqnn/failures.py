@@ -13,9 +13,11 @@ loop to whatever an executor hands back.
 import errno
 import re
 from collections import deque
+from enum import Enum
 from typing import Deque, List, Optional, Tuple
 
 from qagent.errors import MetaQNNError
+from qagent.status import ModelStatus
 
 # Log lines that mean the machine, not the net, is broken.
 _DEVICE_LOST = (
@@ -30,6 +32,24 @@ _DEVICE_LOST = (
     "initialization error",
 )
 _DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+class FailureKind(str, Enum):
+    """Why a model's training failed: each is the model's own doing (see the module docstring)."""
+
+    NO_LEARNING = "no_learning"  # never beat the random-predictor threshold in any restart
+    DIVERGED = "diverged"  # NaN/inf loss before it beat the threshold
+    REJECTED = "rejected"  # caffe refused the net (a FATAL check)
+    CRASHED = "crashed"  # caffe died without saying why
+    TIMEOUT = "timeout"  # the wall-clock limit, after one retry
+    STALLED = "stalled"  # silent past the stall watchdog, after one retry
+    OOM = "oom"  # this net does not fit in the device's memory
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 class InfrastructureError(MetaQNNError):
@@ -66,7 +86,9 @@ class CircuitBreaker:
     the space legitimately produces many of them in a row.
     """
 
-    COUNTED = frozenset({"crashed", "rejected", "timeout", "stalled", "oom"})
+    COUNTED = frozenset(
+        {FailureKind.CRASHED, FailureKind.REJECTED, FailureKind.TIMEOUT, FailureKind.STALLED, FailureKind.OOM}
+    )
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -76,7 +98,7 @@ class CircuitBreaker:
 
     def observe(self, model_id: int, status: str, failure: Optional[str], message: str) -> None:
         """Record one committed result; raise InfrastructureError when the breaker trips."""
-        if status == "done" or failure not in self.COUNTED:
+        if status == ModelStatus.DONE or failure not in self.COUNTED:
             self._recent.clear()
             return
         sig = signature(failure, message)

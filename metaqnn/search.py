@@ -30,6 +30,7 @@ from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
 from qagent.arch import parse_architecture
 from qagent.errors import MetaQNNError
+from qagent.status import TRAINED, ModelStatus
 from qagent.store import ExperimentStore
 
 STORE_NAME = "store.sqlite"
@@ -300,18 +301,20 @@ def search_loop(
     def commit(p: Proposal, result: TrainResult, model_id: int) -> None:
         faults.point("commit")
         metrics = result.metrics()
-        if result.status == "oom":
+        if result.status == ModelStatus.OOM:
             agent.skip(p.arch)
-            store.record_result(agent, p, "oom", None, metrics, result.message)
+            store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message)
             progress.event(f"#{model_id} out of memory, skipped: {p.arch}")
             if breaker is not None:
                 breaker.observe(model_id, result.status, result.failure, result.message)
             return
-        reward = result.best_accuracy if result.status == "done" else agent.failure_reward
+        reward = result.best_accuracy if result.status == ModelStatus.DONE else agent.failure_reward
         assert reward is not None
         agent.observe(p.arch, p.encoded, reward, p.epsilon)
         store.record_result(agent, p, result.status, reward, metrics, result.message or None)
-        what = f"acc {reward:.4f}" if result.status == "done" else f"FAILED ({result.failure}: {result.message})"
+        what = (
+            f"acc {reward:.4f}" if result.status == ModelStatus.DONE else f"FAILED ({result.failure}: {result.message})"
+        )
         progress.event(
             f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}"
         )
@@ -322,10 +325,12 @@ def search_loop(
         for dup in waiting.pop(arch, []):
             if arch in agent.rewards:
                 agent.observe(arch, dup.encoded, agent.rewards[arch], dup.epsilon)
-                store.record_result(agent, dup, "duplicate", agent.rewards[arch])
+                store.record_result(agent, dup, ModelStatus.DUPLICATE, agent.rewards[arch])
             else:
                 agent.skip(arch)
-                store.record_result(agent, dup, "oom", None, None, "re-sampled a model that ran out of memory")
+                store.record_result(
+                    agent, dup, ModelStatus.OOM, None, None, "re-sampled a model that ran out of memory"
+                )
 
     for row in store.running():  # models that were in flight when the search stopped
         progress.event(f"#{row.id} resuming {row.arch}")
@@ -340,10 +345,10 @@ def search_loop(
             p = agent.propose()
             if p.known_reward is not None:
                 agent.observe(p.arch, p.encoded, p.known_reward, p.epsilon)
-                store.record_result(agent, p, "duplicate", p.known_reward)
+                store.record_result(agent, p, ModelStatus.DUPLICATE, p.known_reward)
             elif p.arch in agent.skipped:
                 agent.skip(p.arch)
-                store.record_result(agent, p, "oom", None, None, "re-sampled a model that ran out of memory")
+                store.record_result(agent, p, ModelStatus.OOM, None, None, "re-sampled a model that ran out of memory")
             elif p.arch in agent.in_flight:
                 waiting.setdefault(p.arch, []).append(p)
                 break  # wait for that result instead of sending the same net out twice
@@ -379,7 +384,7 @@ def as_infrastructure(exc: BaseException, model_id: int) -> BaseException:
 def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10) -> Dict[str, Any]:
     per_eps: Dict[float, List[float]] = {}
     for m in store.models():
-        if m.status in ("done", "failed") and m.reward is not None:
+        if m.status in TRAINED and m.reward is not None:
             per_eps.setdefault(m.epsilon, []).append(m.reward)
     return {
         "per_epsilon": {

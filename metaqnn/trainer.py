@@ -29,16 +29,17 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from metaqnn import faults
 from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_runs, write_csvs
 from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
-from metaqnn.failures import InfrastructureError, infrastructure_reason
+from metaqnn.failures import FailureKind, InfrastructureError, infrastructure_reason
 from metaqnn.netspec import Transform, build_net
 from metaqnn.render import render_net, render_solver
 from metaqnn.solverspec import Protocol, solver_fields
 from qagent.arch import Layer, format_architecture
+from qagent.status import ModelStatus
 
 ACCURACY = "Accuracy1"
 _SNAP_ITER = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)$")
@@ -83,13 +84,13 @@ class TrainJob:
 
 @dataclass
 class TrainResult:
-    status: str  # done | failed | oom
+    status: ModelStatus  # done | failed | oom
     best_accuracy: Optional[float] = None
     last_accuracy: Optional[float] = None
     best_iteration: Optional[int] = None
     learning_rate: Optional[float] = None
     restarts: int = 0
-    failure: Optional[str] = None  # no_learning | diverged | rejected | crashed | timeout | stalled
+    failure: Optional[FailureKind] = None
     message: str = ""
     curve: List[Tuple[int, float]] = field(default_factory=list)
     wall_time: float = 0.0
@@ -99,8 +100,33 @@ class TrainResult:
     worker: str = ""  # host:pid (and Ray node) that trained it
     caffe_seed: Optional[int] = None
 
+    def __post_init__(self) -> None:  # a result read back from result.json holds plain strings
+        self.status = ModelStatus(self.status)
+        self.failure = FailureKind(self.failure) if self.failure else None
+
     def metrics(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+class Verdict(NamedTuple):
+    """How a caffe run failed, when it did: the model's status, the kind of failure, a message."""
+
+    status: ModelStatus
+    failure: FailureKind
+    message: str
+
+    @classmethod
+    def failed(cls, failure: FailureKind, message: str) -> "Verdict":
+        return cls(ModelStatus.FAILED, failure, message)
+
+    def transient(self, outcome: RunOutcome) -> bool:
+        """Worth one more attempt: a timeout, a stall, or a crash by a signal (a killed caffe)."""
+        if self.failure in (FailureKind.TIMEOUT, FailureKind.STALLED):
+            return True
+        return self.failure == FailureKind.CRASHED and outcome.signal is not None
+
+    def result(self, **fields: Any) -> "TrainResult":
+        return TrainResult(self.status, failure=self.failure, message=self.message, **fields)
 
 
 def _accuracy_curve(states: Sequence[LogState]) -> List[Tuple[int, float]]:
@@ -333,18 +359,20 @@ class Trainer:
         write_csvs(merge_states(_runs_of(log)), log.with_suffix(""))  # each iteration once, the latest
         return outcome
 
-    def _classify(self, o: RunOutcome) -> Optional[Tuple[str, str, str]]:
-        """(status, failure, message) for a run that did not finish normally, else None."""
+    def _classify(self, o: RunOutcome) -> Optional[Verdict]:
+        """How a run that did not finish normally failed (the model's failure), else None."""
         st = o.state
         broken = infrastructure_reason(st.fatal)
         if broken is not None:  # not this net's fault: stop the search, retry the model on resume
             raise InfrastructureError(f"caffe failed on {self.dir.name} because {broken}")
         if st.out_of_memory:
-            return "oom", "oom", "CUDA out of memory: " + (st.fatal[0] if st.fatal else "")
+            return Verdict(ModelStatus.OOM, FailureKind.OOM, "CUDA out of memory: " + (st.fatal[0] if st.fatal else ""))
         if o.timed_out:
-            return "failed", "timeout", f"stopped after the wall-clock limit of {self.job.timeout} s"
+            return Verdict.failed(FailureKind.TIMEOUT, f"stopped after the wall-clock limit of {self.job.timeout} s")
         if o.stalled:
-            return "failed", "stalled", "caffe printed nothing for longer than the stall watchdog allows"
+            return Verdict.failed(
+                FailureKind.STALLED, "caffe printed nothing for longer than the stall watchdog allows"
+            )
         if o.stopped_for_nan:
             return None  # handled by the protocol (divergence)
         self._check_data()
@@ -352,27 +380,22 @@ class Trainer:
         if lmdb_fatal is not None:  # every model would fail the same way: stop the search instead
             raise DataMissingError(f"caffe cannot read the training data: {lmdb_fatal[:200]}")
         if st.fatal:
-            return "failed", "rejected", "caffe refused the net: " + st.fatal[0][:300]
+            return Verdict.failed(FailureKind.REJECTED, "caffe refused the net: " + st.fatal[0][:300])
         if o.returncode != 0:
             sig = o.signal
             what = f"killed by signal {sig}" if sig else f"exit status {o.returncode}"
-            return "failed", "crashed", f"caffe crashed ({what})"
+            return Verdict.failed(FailureKind.CRASHED, f"caffe crashed ({what})")
         return None
 
     def _run_with_retry(
         self, solver: Path, snapshot: Optional[Path], label: str, keep: Sequence[int]
-    ) -> Tuple[RunOutcome, Optional[Tuple[str, str, str]]]:
+    ) -> Tuple[RunOutcome, Optional[Verdict]]:
         for attempt in range(self.job.retries + 1):
             o = self._run(solver, snapshot, f"{label}" if attempt == 0 else f"{label}_retry{attempt}", keep)
             verdict = self._classify(o)
-            transient = (
-                verdict is not None
-                and verdict[1] in ("timeout", "stalled", "crashed")
-                and (verdict[1] != "crashed" or o.signal is not None)
-            )
-            if verdict is None or not transient:
+            if verdict is None or not verdict.transient(o):
                 return o, verdict
-            self.progress(f"transient failure ({verdict[2]}), retrying")
+            self.progress(f"transient failure ({verdict.message}), retrying")
             if snapshot is not None:  # continue from the newest snapshot since the one this run started from
                 snapshot = self._latest_solverstate(min_iter=self._iter_of(snapshot)) or snapshot
         return o, verdict
@@ -455,52 +478,58 @@ class Trainer:
         faults.point("pruned")
 
     def _protocol(self) -> TrainResult:
-        job, proto = self.job, self.job.protocol
+        """Probe (with restarts), then full training from the probe's epoch-1 snapshot."""
+        self.state = self._load_state()
+        if self.state["phase"] == "probe":
+            failed = self._probe()
+            if failed is not None:
+                return failed
+        return self._train_full()
+
+    def _probe(self) -> Optional[TrainResult]:
+        """One epoch at base_lr x lr_factor^k until it beats the threshold; a failure after the last try."""
+        job, proto, state = self.job, self.job.protocol, self.state
         restarts = proto.restarts
         threshold = restarts.threshold(job.num_classes)
-        state = self.state = self._load_state()
-        if state["phase"] == "probe":
-            while True:
-                k = state["restart"]
-                lr = proto.base_lr * restarts.lr_factor**k
-                self.progress(f"probe {k}: lr {lr:g}")
-                solver = self._write_solver(f"solver_probe{k}.prototxt", lr, 1)
-                prune_snapshots(self.snap_dir, [])
-                o, verdict = self._run_with_retry(solver, None, f"probe{k}", [])
-                if verdict is not None:
-                    return TrainResult(verdict[0], failure=verdict[1], message=verdict[2], restarts=k, learning_rate=lr)
-                best = o.state.best_test(ACCURACY)
-                acc = best[1] if best else None
-                passed = acc is not None and acc > threshold and not o.stopped_for_nan
-                if passed:
-                    state.update(phase="full", lr=lr)
-                    self._save_state()
-                    break
-                if k >= restarts.max_restarts:
-                    why = "diverged" if o.stopped_for_nan else "no_learning"
-                    return TrainResult(
-                        "failed",
-                        failure=why,
-                        restarts=k,
-                        learning_rate=lr,
-                        best_accuracy=acc,
-                        last_accuracy=acc,
-                        message=f"never beat the random-predictor threshold {threshold:g} "
-                        f"in {k + 1} tries (last accuracy {acc})",
-                    )
-                state["restart"] = k + 1
+        while True:
+            k = state["restart"]
+            lr = proto.base_lr * restarts.lr_factor**k
+            self.progress(f"probe {k}: lr {lr:g}")
+            solver = self._write_solver(f"solver_probe{k}.prototxt", lr, 1)
+            prune_snapshots(self.snap_dir, [])
+            o, verdict = self._run_with_retry(solver, None, f"probe{k}", [])
+            if verdict is not None:
+                return verdict.result(restarts=k, learning_rate=lr)
+            best = o.state.best_test(ACCURACY)
+            acc = best[1] if best else None
+            if acc is not None and acc > threshold and not o.stopped_for_nan:
+                state.update(phase="full", lr=lr)
                 self._save_state()
+                return None
+            if k >= restarts.max_restarts:
+                return TrainResult(
+                    ModelStatus.FAILED,
+                    failure=FailureKind.DIVERGED if o.stopped_for_nan else FailureKind.NO_LEARNING,
+                    restarts=k,
+                    learning_rate=lr,
+                    best_accuracy=acc,
+                    last_accuracy=acc,
+                    message=f"never beat the random-predictor threshold {threshold:g} "
+                    f"in {k + 1} tries (last accuracy {acc})",
+                )
+            state["restart"] = k + 1
+            self._save_state()
+
+    def _train_full(self) -> TrainResult:
+        """Continue to the protocol's epochs; the reward is the best accuracy over the whole history."""
+        proto, state = self.job.protocol, self.state
         lr = state["lr"]
         solver = self._write_solver("solver.prototxt", lr, proto.epochs)
         finished = self._finished_run(proto.epochs * self.ipe)
         resume = self._latest_solverstate(min_iter=self.ipe)
         if resume is None and finished is None:
-            return TrainResult(
-                "failed",
-                failure="crashed",
-                message="the epoch-1 snapshot is missing; cannot continue",
-                restarts=state["restart"],
-                learning_rate=lr,
+            return Verdict.failed(FailureKind.CRASHED, "the epoch-1 snapshot is missing; cannot continue").result(
+                restarts=state["restart"], learning_rate=lr
             )
         if finished is not None:  # caffe finished before a crash: nothing to train again
             o, verdict = RunOutcome(0, finished, 0.0), None
@@ -508,13 +537,17 @@ class Trainer:
             assert resume is not None
             self.progress(f"training to {proto.epochs} epochs from {resume.name}")
             o, verdict = self._run_with_retry(solver, resume, f"train{state['runs']}", [])
-        if verdict is not None and verdict[1] not in ("timeout", "stalled"):
-            return TrainResult(
-                verdict[0], failure=verdict[1], message=verdict[2], restarts=state["restart"], learning_rate=lr
-            )
+        if verdict is not None and verdict.failure not in (FailureKind.TIMEOUT, FailureKind.STALLED):
+            return verdict.result(restarts=state["restart"], learning_rate=lr)
+        return self._full_result(o, verdict, lr)
+
+    def _full_result(self, o: RunOutcome, verdict: Optional[Verdict], lr: float) -> TrainResult:
+        """The finished (or cut short) full training as a result: curve, best, speed, and how it ended."""
+        proto = self.job.protocol
+        threshold = proto.restarts.threshold(self.job.num_classes)
         curve = _accuracy_curve(self._history())
         best = best_of(curve)
-        result = TrainResult("done", restarts=state["restart"], learning_rate=lr, curve=curve)
+        result = TrainResult(ModelStatus.DONE, restarts=self.state["restart"], learning_rate=lr, curve=curve)
         if best is not None:
             result.best_iteration, result.best_accuracy = best
             result.last_accuracy = curve[-1][1]
@@ -527,18 +560,15 @@ class Trainer:
                 / (span[-1]["Seconds"] - span[0]["Seconds"])
             )
         if o.stopped_for_nan:
-            result.failure = "diverged"
+            result.failure = FailureKind.DIVERGED
             result.message = "diverged (NaN/inf loss) during training; reward = best accuracy before divergence"
             if result.best_accuracy is None or result.best_accuracy <= threshold:
-                result.status = "failed"
+                result.status = ModelStatus.FAILED
         elif verdict is not None:
-            result.status, result.failure, result.message = "failed", verdict[1], verdict[2]
+            result.status, result.failure, result.message = ModelStatus.FAILED, verdict.failure, verdict.message
         elif not o.state.done:
-            result.status, result.failure, result.message = (
-                "failed",
-                "crashed",
-                "caffe stopped before 'Optimization Done'",
-            )
+            result.status, result.failure = ModelStatus.FAILED, FailureKind.CRASHED
+            result.message = "caffe stopped before 'Optimization Done'"
         return result
 
     def _finished_run(self, max_iter: int) -> Optional[LogState]:

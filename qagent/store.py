@@ -30,6 +30,7 @@ from qagent.agent import Agent, AgentState, Proposal
 from qagent.errors import MetaQNNError, StoreError, StoreLockedError
 from qagent.outdir import first_missing, make_output_dir, os_reason
 from qagent.space import State
+from qagent.status import TRAINED, ModelStatus
 
 SCHEMA_VERSION = 1
 
@@ -59,14 +60,12 @@ CREATE TABLE IF NOT EXISTS qvalues(id INTEGER PRIMARY KEY, q BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS agent(id INTEGER PRIMARY KEY CHECK (id = 0), rng TEXT NOT NULL);
 """
 
-TRAINED = ("done", "failed")
-
 
 @dataclass(frozen=True)
 class ModelRow:
     id: int
     arch: str
-    status: str
+    status: ModelStatus
     epsilon: float
     reward: Optional[float]
     metrics: Dict[str, Any]
@@ -77,10 +76,14 @@ class ModelRow:
 
 
 def _row_to_model(r: sqlite3.Row) -> ModelRow:
+    try:
+        status = ModelStatus(r["status"])
+    except ValueError:
+        raise StoreError(f"model #{r['id']} has an unknown status {r['status']!r}: the store is damaged") from None
     return ModelRow(
         r["id"],
         r["arch"],
-        r["status"],
+        status,
         r["epsilon"],
         r["reward"],
         json.loads(r["metrics"]) if r["metrics"] else {},
@@ -344,11 +347,11 @@ class ExperimentStore:
         return config
 
     @_guarded
-    def models(self, status: Optional[str] = None) -> List[ModelRow]:
+    def models(self, status: Optional[ModelStatus] = None) -> List[ModelRow]:
         if status is None:
             rows = self.conn.execute("SELECT * FROM models ORDER BY id")
         else:
-            rows = self.conn.execute("SELECT * FROM models WHERE status = ? ORDER BY id", (status,))
+            rows = self.conn.execute("SELECT * FROM models WHERE status = ? ORDER BY id", (ModelStatus(status).value,))
         return [_row_to_model(r) for r in rows]
 
     @_guarded
@@ -359,7 +362,7 @@ class ExperimentStore:
     @_guarded
     def top_models(self, k: int) -> List[ModelRow]:
         rows = self.conn.execute(
-            "SELECT * FROM models WHERE status = 'done' ORDER BY reward DESC, id ASC LIMIT ?", (k,)
+            "SELECT * FROM models WHERE status = ? ORDER BY reward DESC, id ASC LIMIT ?", (ModelStatus.DONE.value, k)
         )
         return [_row_to_model(r) for r in rows]
 
@@ -392,7 +395,7 @@ class ExperimentStore:
         return [r["reward"] for r in rows]
 
     def running(self) -> List[ModelRow]:
-        return self.models("running")
+        return self.models(ModelStatus.RUNNING)
 
     # -- agent state ----------------------------------------------------------------
     @_guarded
@@ -408,7 +411,7 @@ class ExperimentStore:
         for m in self.models():
             if m.status in TRAINED and m.reward is not None:
                 rewards[m.arch] = m.reward
-            elif m.status == "oom":
+            elif m.status == ModelStatus.OOM:
                 skipped.add(m.arch)
         r = self.conn.execute("SELECT rng FROM agent WHERE id = 0").fetchone()
         agent.restore(
@@ -470,7 +473,7 @@ class ExperimentStore:
         self,
         agent: Agent,
         proposal: Proposal,
-        status: str,
+        status: ModelStatus,
         reward: Optional[float],
         metrics: Optional[Dict[str, Any]] = None,
         message: Optional[str] = None,
@@ -481,10 +484,10 @@ class ExperimentStore:
         (already trained: sample row only) or 'oom' (skipped, no reward).
         """
         now = time.time()
-        rewarded = status != "oom"
+        rewarded = status != ModelStatus.OOM
         with self.conn:
             conn = self.conn
-            if status in TRAINED or status == "oom":
+            if status in TRAINED or status == ModelStatus.OOM:
                 conn.execute(
                     "INSERT INTO models(arch, status, epsilon, reward, metrics, message, attempts, finished) "
                     "VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(arch) DO UPDATE SET status = excluded.status, "
@@ -507,7 +510,7 @@ class ExperimentStore:
                     proposal.arch,
                     proposal.epsilon,
                     reward if rewarded else None,
-                    int(status == "duplicate"),
+                    int(status == ModelStatus.DUPLICATE),
                     now,
                 ),
             )

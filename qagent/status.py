@@ -1,0 +1,25 @@
+"""What became of a sampled model: one str-valued enum, stored as its value.
+
+``done`` and ``failed`` are rewarded (failed with the failure reward) and count towards the
+epsilon schedule; ``duplicate`` is a re-sample answered from the replay dictionary;
+``oom`` could not be trained at all and is never handed out again; ``running`` is in flight.
+"""
+
+from enum import Enum
+
+
+class ModelStatus(str, Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    OOM = "oom"
+    DUPLICATE = "duplicate"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+TRAINED = (ModelStatus.DONE, ModelStatus.FAILED)  # rewarded, in the replay memory, counted per epsilon
