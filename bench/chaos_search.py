@@ -2,7 +2,7 @@
 end, and compare with an uninterrupted search of the same seed.
 
 Kills: the search process at a random time (anywhere: training, live pruning, commit), at the
-named kill points of :mod:`metaqnn.faults` (``result-written``, ``pruning``, ``pruned``,
+named kill points of :mod:`metaqnn.faults` (``trained``, ``result-written``, ``pruning``, ``pruned``,
 ``commit``: the commit window and the final pruning), and the caffe child itself.  After every
 kill of the search, no caffe of the experiment may be alive 0.2 s later.
 
@@ -42,7 +42,7 @@ from qagent.store import ExperimentStore  # noqa: E402
 STEPS = [[1.0, 8], [0.5, 4], [0.1, 4]]  # 16 unique models of up to 3 layers: minutes on 2 busy cores
 SETTINGS = ["--set", f"schedule.steps={json.dumps(STEPS)}", "--set", "space.max_depth=3"]
 TOTAL = sum(n for _, n in STEPS)
-POINTS = ["result-written", "pruning", "pruned", "commit"]
+POINTS = ["trained", "result-written", "pruning", "pruned", "commit"]
 
 
 def search_argv(exp: Path, data: Path, seed: int) -> List[str]:
@@ -95,13 +95,13 @@ def chaos(exp: Path, data: Path, seed: int, kills: int, caffe_kills: int, rng: r
         extra = {}
         if kind in POINTS:
             point = kind
-            extra["METAQNN_KILL_AT"] = f"{point}:{rng.randint(1, 2)}"
+            extra["METAQNN_KILL_AT"] = point
         proc = subprocess.Popen(
             search_argv(exp, data, seed), cwd=ROOT, env=env(extra), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         try:
-            if kind in POINTS:
-                rc = proc.wait(timeout=600)
+            if kind in POINTS:  # a point not reached in time (a failed model is not pruned): killed anyway
+                rc = proc.wait(timeout=rng.uniform(15.0, 40.0))
                 if rc == -signal.SIGKILL:
                     figures["point_kills"][point] = figures["point_kills"].get(point, 0) + 1
                     figures["search_kills"] += 1
