@@ -2,7 +2,7 @@
 end, and compare with an uninterrupted search of the same seed.
 
 Kills: the search process at a random time (anywhere: training, live pruning, commit), at the
-named kill points of :mod:`metaqnn.faults` (``result-written``, ``pruning``, ``pruned``,
+named kill points of :mod:`metaqnn.faults` (``trained``, ``result-written``, ``pruning``, ``pruned``,
 ``commit``: the commit window and the final pruning), and the caffe child itself.  After every
 kill of the search, no caffe of the experiment may be alive 0.2 s later.
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from metaqnn.caffe.logparse import split_runs  # noqa: E402
-from metaqnn.config import agent_config_of, schedule_of, space_of  # noqa: E402
+from metaqnn.config import stored_config  # noqa: E402
 from metaqnn.trainer import _accuracy_curve, read_runs  # noqa: E402
 from qagent.agent import Agent  # noqa: E402
 from qagent.store import ExperimentStore  # noqa: E402
@@ -42,7 +42,7 @@ from qagent.store import ExperimentStore  # noqa: E402
 STEPS = [[1.0, 8], [0.5, 4], [0.1, 4]]  # 16 unique models of up to 3 layers: minutes on 2 busy cores
 SETTINGS = ["--set", f"schedule.steps={json.dumps(STEPS)}", "--set", "space.max_depth=3"]
 TOTAL = sum(n for _, n in STEPS)
-POINTS = ["result-written", "pruning", "pruned", "commit"]
+POINTS = ["trained", "result-written", "pruning", "pruned", "commit"]
 
 
 def search_argv(exp: Path, data: Path, seed: int) -> List[str]:
@@ -95,13 +95,13 @@ def chaos(exp: Path, data: Path, seed: int, kills: int, caffe_kills: int, rng: r
         extra = {}
         if kind in POINTS:
             point = kind
-            extra["METAQNN_KILL_AT"] = f"{point}:{rng.randint(1, 2)}"
+            extra["METAQNN_KILL_AT"] = point
         proc = subprocess.Popen(
             search_argv(exp, data, seed), cwd=ROOT, env=env(extra), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         try:
-            if kind in POINTS:
-                rc = proc.wait(timeout=600)
+            if kind in POINTS:  # a point not reached in time (a failed model is not pruned): killed anyway
+                rc = proc.wait(timeout=rng.uniform(15.0, 40.0))
                 if rc == -signal.SIGKILL:
                     figures["point_kills"][point] = figures["point_kills"].get(point, 0) + 1
                     figures["search_kills"] += 1
@@ -153,8 +153,8 @@ def interrupted(folder: Path) -> bool:
 def replayed_q_matches(store: ExperimentStore) -> Tuple[bool, int]:
     """Replay the stored samples with a fresh agent (same seed): the same proposals, the stored
     rewards; the Q-table must come out equal to the stored one.  Returns (equal, samples)."""
-    config = store.config()
-    agent = Agent(space_of(config), schedule_of(config), agent_config_of(config))
+    config = stored_config(store.config())
+    agent = Agent(config.space, config.schedule, config.agent)
     n = 0
     for s in store.samples():
         p = agent.propose()
@@ -165,7 +165,7 @@ def replayed_q_matches(store: ExperimentStore) -> Tuple[bool, int]:
         else:
             agent.observe(p.arch, p.encoded, s["reward"], p.epsilon)
         n += 1
-    stored = Agent(space_of(config), schedule_of(config), agent_config_of(config))
+    stored = Agent(config.space, config.schedule, config.agent)
     store.load_agent(stored)
     mine = {agent.q.states[i].key(): list(agent.q.values[i]) for i in range(len(agent.q))}
     theirs = {stored.q.states[i].key(): list(stored.q.values[i]) for i in range(len(stored.q))}

@@ -4,9 +4,10 @@
   reaches it (a pool thread, a Ray worker): the search must then react the same way everywhere.
 * ``METAQNN_KILL_AT=<point>[:<n>]`` kill -9s this process the n-th time (default the first) it
   reaches :func:`point`.  The kill points mark the windows a crash-consistent search must
-  survive: ``result-written`` (the model's result.json is on disk, snapshots not yet pruned),
-  ``pruning`` (half-way through the final pruning), ``pruned`` (the final pruning is done, the
-  trainer has not returned), ``commit`` (the search is about to commit a result to the store).
+  survive: ``trained`` (caffe has finished, result.json is not written yet), ``result-written``
+  (the model's result.json is on disk, snapshots not yet pruned), ``pruning`` (half-way through
+  the final pruning), ``pruned`` (the final pruning is done, the trainer has not returned),
+  ``commit`` (the search is about to commit a result to the store).
 
 Unset -- always, outside tests -- each costs one lookup.
 """

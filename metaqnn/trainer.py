@@ -462,6 +462,7 @@ class Trainer:
         result.caffe_time = self.caffe_time
         if not result.curve and self.states:
             result.curve = _accuracy_curve(self.states)
+        faults.point("trained")
         self._commit(result)
         return result
 

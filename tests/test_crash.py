@@ -51,9 +51,18 @@ with open(sys.argv[1], "rb") as fh:
 """
 
 
-def python(code_or_args, *args, cwd=ROOT, timeout=600):
+# A trainer run to its end (the pickled job is argv[1]); METAQNN_KILL_AT picks where it dies.
+RUN_TRAINER = """
+import pickle, sys
+from metaqnn.trainer import Trainer
+with open(sys.argv[1], "rb") as fh:
+    Trainer(pickle.load(fh)).train()
+"""
+
+
+def python(code_or_args, *args, cwd=ROOT, timeout=600, extra_env=None):
     argv = [sys.executable, "-c", textwrap.dedent(code_or_args), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -139,6 +148,21 @@ def test_3_kill_9_loses_no_log_line_and_leaves_no_caffe(digits_data, tmp_path):
     assert result.best_accuracy == max(acc for _, acc in result.curve)
     history = (job.model_dir / "history.test").read_text().splitlines()
     assert [int(float(line.split(",")[0])) for line in history[1:]] == [37, 74, 111, 148, 185, 222]
+
+
+def test_a_kill_after_caffe_finished_but_before_result_json_trains_nothing_again(digits_data, tmp_path):
+    job = replace(make_job(digits_data, tmp_path), seed=3)
+    pickled = tmp_path / "job.pickle"
+    pickled.write_bytes(pickle.dumps(job))
+    killed = python(RUN_TRAINER, str(pickled), extra_env={"METAQNN_KILL_AT": "trained"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert not (job.model_dir / "result.json").exists()
+    logs = {p.name: p.read_text() for p in job.model_dir.glob("*.log")}
+    result = Trainer(job).train()
+    assert result.status == "done" and [it for it, _ in result.curve] == [37, 74, 111, 148]
+    assert {p.name: p.read_text() for p in job.model_dir.glob("*.log")} == logs  # caffe did not run again
+    left = sorted(p.name for p in (job.model_dir / "snapshots").iterdir())
+    assert left == [f"model_iter_{result.best_iteration}.caffemodel"]
 
 
 def test_4_a_relative_data_dir_trains(tmp_path, digits_data):
