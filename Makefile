@@ -4,6 +4,8 @@
 #   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
 #   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
+#   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
+#   make device-bundle        what scripts/device-check.sh needs on a GPU machine (build/device-check)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,7 +29,7 @@ par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) 
 src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup venv caffe demo search status download data report export finetune ensemble compare regenerate-check arch \
+.PHONY: setup venv caffe caffe-gpu device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
         test lint typecheck py38 bench clean
 
 setup: venv caffe
@@ -44,6 +46,13 @@ caffe:
 	@if [ -n "$$CAFFE_BIN$$CAFFE_ROOT" ] || command -v caffe >/dev/null 2>&1; then \
 	  echo "setup-caffe: using the caffe you have ($${CAFFE_BIN:-$${CAFFE_ROOT:-$$(command -v caffe)}})"; \
 	else scripts/setup-caffe.sh; fi
+
+# Caffe 1.0 for NVIDIA GPUs in a private prefix (.deps/caffe-gpu); never touches system packages.
+#   GPU_ARCHS="80 90" GPU_PTX=90 (defaults), CUDA_HOME=/usr/local/cuda-12.x for the user's own toolkit,
+#   JOBS=N parallel compile jobs.  A no-op when already built with the same settings.
+caffe-gpu:
+	$(if $(GPU_ARCHS),GPU_ARCHS="$(GPU_ARCHS)") $(if $(GPU_PTX),GPU_PTX="$(GPU_PTX)") \
+	  $(if $(JOBS),JOBS=$(JOBS)) $(if $(CUDA_HOME),CUDA_HOME="$(CUDA_HOME)") scripts/setup-caffe-gpu.sh
 
 demo: setup
 	$(PY) -m metaqnn search --dataset digits $(exp_arg) $(set_args)
