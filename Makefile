@@ -4,6 +4,7 @@
 #   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
 #   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
+#   make search DATASET=svhn GPUS=0,1 TRAININGS_PER_GPU=4  four small trainings share each GPU
 #   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
 #   make device-bundle        what scripts/device-check.sh needs on a GPU machine (build/device-check)
 SHELL := /bin/bash
@@ -16,6 +17,7 @@ TOP ?= 10
 GPU ?=
 GPUS ?=
 WORKERS ?=
+TRAININGS_PER_GPU ?=
 RAY ?=
 SOURCE ?=
 SET ?=
@@ -25,11 +27,12 @@ VENV_FLAGS ?= $(if $(CONDA_PREFIX),--system-site-packages,)
 
 exp_arg = $(if $(EXP),--exp $(EXP),)
 gpu_arg = $(if $(GPU),--gpu $(GPU),)
-par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RAY),--ray $(RAY),)
+par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RAY),--ray $(RAY),) \
+           $(if $(TRAININGS_PER_GPU),--trainings-per-gpu $(TRAININGS_PER_GPU),)
 src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup venv caffe caffe-gpu device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
+.PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
         test lint typecheck py38 bench clean
 
 setup: venv caffe
@@ -51,8 +54,11 @@ caffe:
 #   GPU_ARCHS="80 90" GPU_PTX=90 (defaults), CUDA_HOME=/usr/local/cuda-12.x for the user's own toolkit,
 #   JOBS=N parallel compile jobs.  A no-op when already built with the same settings.
 caffe-gpu:
-	$(if $(GPU_ARCHS),GPU_ARCHS="$(GPU_ARCHS)") $(if $(GPU_PTX),GPU_PTX="$(GPU_PTX)") \
+	@$(if $(GPU_ARCHS),GPU_ARCHS="$(GPU_ARCHS)") $(if $(GPU_PTX),GPU_PTX="$(GPU_PTX)") \
 	  $(if $(JOBS),JOBS=$(JOBS)) $(if $(CUDA_HOME),CUDA_HOME="$(CUDA_HOME)") scripts/setup-caffe-gpu.sh
+
+caffe-info: venv
+	$(PY) -m metaqnn caffe-info $(if $(GPU)$(GPUS),--gpu,)
 
 demo: setup
 	$(PY) -m metaqnn search --dataset digits $(exp_arg) $(set_args)

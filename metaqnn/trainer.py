@@ -66,6 +66,7 @@ class TrainJob:
     timeout: Optional[float] = None
     retries: int = 1  # extra attempts for transient failures (timeout, killed by a signal)
     seed: Optional[int] = None  # Caffe's random_seed (weight fillers, dropout): CPU training is then repeatable
+    env: Tuple[Tuple[str, str], ...] = ()  # extra environment of caffe, e.g. the GPU it sees (metaqnn.packing)
 
 
 @dataclass
@@ -193,6 +194,7 @@ class Trainer:
             log_path=log,
             timeout=self.job.timeout,
             on_line=on_line,
+            env=dict(self.job.env) or None,
         )
         self.caffe_time += outcome.wall_time
         self.states.append(outcome.state)
