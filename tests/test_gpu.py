@@ -259,7 +259,7 @@ def test_gpu_runs_pick_the_gpu_build_and_stop_early_on_an_old_driver(tmp_path, m
     monkeypatch.setenv("METAQNN_CAFFE_GPU_PREFIX", str(prefix))
     c = find_caffe(gpu=True)
     assert c.origin == "GPU prefix" and c.is_gpu_build and c.binary == prefix / "bin" / "caffe"
-    with pytest.raises(ConfigError, match="supports CUDA 12.2"):
+    with pytest.raises(ConfigError, match=r"supports CUDA 12\.2"):
         gpuinfo.ensure_gpu_ready(c, gpuinfo.Driver(cuda=(12, 2), release="535.104.05"))
     gpuinfo.ensure_gpu_ready(c, gpuinfo.Driver(cuda=(13, 0), release="580.65.06"))
     lines = gpuinfo.describe(c, gpuinfo.Driver(error="no NVIDIA driver (libcuda.so.1 not found)"))
