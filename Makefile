@@ -57,6 +57,11 @@ caffe-gpu:
 	@$(if $(GPU_ARCHS),GPU_ARCHS="$(GPU_ARCHS)") $(if $(GPU_PTX),GPU_PTX="$(GPU_PTX)") \
 	  $(if $(JOBS),JOBS=$(JOBS)) $(if $(CUDA_HOME),CUDA_HOME="$(CUDA_HOME)") scripts/setup-caffe-gpu.sh
 
+# What scripts/device-check.sh needs on a GPU machine without network (build/device-check, <= 60 MiB):
+# the GPU caffe + libcaffe + small non-CUDA libraries (reference BLAS), Python 3.12 wheels, digits LMDBs.
+device-bundle: venv caffe-gpu
+	scripts/make-device-bundle.sh
+
 caffe-info: venv
 	$(PY) -m metaqnn caffe-info $(if $(GPU)$(GPUS),--gpu,)
 
