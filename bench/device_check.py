@@ -16,7 +16,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -294,6 +293,13 @@ def _torch_net(net: Path) -> Any:
     return torch.nn.Sequential(*layers)
 
 
+def _steps(model: Any, opt: Any, loss_fn: Any, x: Any, y: Any, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+
 def cmd_torch(args: argparse.Namespace) -> int:
     import torch
 
@@ -312,18 +318,11 @@ def cmd_torch(args: argparse.Namespace) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.0005)
         loss_fn = torch.nn.CrossEntropyLoss()
 
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()  # noqa: B023
-            opt.step()  # noqa: B023
-
-        for _ in range(10):
-            step()
+        _steps(model, opt, loss_fn, x, y, 10)  # warm-up (cuDNN autotuning)
         torch.cuda.synchronize()
         n, t0 = 0, time.monotonic()
         while time.monotonic() - t0 < args.seconds:
-            for _ in range(10):
-                step()
+            _steps(model, opt, loss_fn, x, y, 10)
             torch.cuda.synchronize()
             n += 10
         rate = n / (time.monotonic() - t0)
@@ -339,7 +338,9 @@ def cmd_torch(args: argparse.Namespace) -> int:
         del model, opt
         torch.cuda.empty_cache()
     if ratios:
-        print(f"torch: Caffe's epoch time / PyTorch's, geometric mean over the SVHN nets: {statistics.geometric_mean(ratios):.2f}")
+        print(
+            f"torch: Caffe's epoch time / PyTorch's, geometric mean over the SVHN nets: {statistics.geometric_mean(ratios):.2f}"
+        )
     results["torch_version"] = torch.__version__
     _write(args.out, "torch.json", results)
     return 0
