@@ -138,7 +138,7 @@ apt_opts=(
   -o "APT::Sandbox::User=root"
 )
 say "resolving Debian 11 (bullseye) caffe sources and build dependencies in a private apt configuration"
-apt-get "${apt_opts[@]}" -qq update >/dev/null 2>&1 \
+apt-get "${apt_opts[@]}" -qq update >/dev/null 2>&1 && compgen -G "$work/apt/state/lists/*_Sources*" >/dev/null \
   || die "apt-get update against $mirror (bullseye) failed: no network or mirror unreachable"
 (cd "$work/src" && apt-get "${apt_opts[@]}" -qq source --download-only caffe >/dev/null 2>&1) \
   || die "downloading the caffe source package failed (network?)"
