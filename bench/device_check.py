@@ -63,6 +63,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         text_format.Merge(net.read_text(), pb.NetParameter())
     manifest = json.loads((args.data / "manifest.json").read_text())
     import lmdb
+    import numpy  # noqa: F401  (the machine's own: not in the bundle)
 
     print(
         f"python {sys.version.split()[0]}: schema ok ({len(_nets(args.published))} SVHN nets parse), "

@@ -137,6 +137,8 @@ def cmd_caffe_info(args: argparse.Namespace) -> int:
     gpu_build = find_gpu_build()
     if gpu_build is not None and gpu_build.binary != c.binary:
         print(f"GPU build: {gpu_build.binary} (used with GPU=/GPUS=; `caffe-info --gpu` describes it)")
+    elif gpu_build is None and c.is_cpu_prefix:
+        print("GPU build: none (`make caffe-gpu` builds one for NVIDIA GPUs)")
     print(f"schema: {getattr(pb, '__file__', 'descriptor from ' + ', '.join(map(str, c.schema_candidates()[:1])))}")
     return 0
 
