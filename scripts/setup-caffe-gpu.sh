@@ -77,9 +77,18 @@ done
 [ -n "$archs" ] || die "GPU_ARCHS is empty: give at least one compute capability, like \"80 90\""
 
 # --- toolkit -------------------------------------------------------------------
+# An interrupted or failed build with the same settings resumes in its folder (make is incremental).
 work="$prefix.partial"
-rm -rf "$work"
+resume=0
+if [ -f "$work/.stamp" ] && [ "$(cat "$work/.stamp")" = "$stamp_text" ] && [ -f "$work/build/CMakeCache.txt" ] \
+   && [ -f "$work/.sources-ready" ]; then
+  resume=1
+  say "resuming the unfinished build in $work"
+else
+  rm -rf "$work"
+fi
 mkdir -p "$work/bin" "$work/lib" "$work/libexec" "$work/root"
+echo "$stamp_text" > "$work/.stamp"
 if [ -n "$cuda_home" ]; then
   [ -x "$cuda_home/bin/nvcc" ] || die "CUDA_HOME=$cuda_home has no bin/nvcc: point it at a CUDA toolkit (11.8 or newer)"
   toolkit=$cuda_home
@@ -88,8 +97,8 @@ if [ -n "$cuda_home" ]; then
 else
   command -v "$python" >/dev/null || die "$python not found: pip is needed to fetch CUDA 13 from PyPI (or set CUDA_HOME)"
   "$python" -m pip --version >/dev/null 2>&1 || die "$python has no pip: apt-get install python3-pip (or set CUDA_HOME)"
-  say "fetching CUDA 13 from PyPI (~1 GB on disk)"
-  "$python" -m pip install -q --disable-pip-version-check --no-deps --target "$work/cuda" "${cuda_wheels[@]}" \
+  [ "$resume" = 1 ] || say "fetching CUDA 13 from PyPI (~1 GB on disk)"
+  [ "$resume" = 1 ] || "$python" -m pip install -q --disable-pip-version-check --no-deps --target "$work/cuda" "${cuda_wheels[@]}" \
     >"$work/pip.log" 2>&1 \
     || die "pip could not fetch the CUDA 13 wheels (no network, or no PyPI?): $(grep -m1 -iE 'error' "$work/pip.log" || tail -1 "$work/pip.log")"
   toolkit=$work/cuda/nvidia/cu13
@@ -119,6 +128,7 @@ fi
 say "toolkit: CUDA $cuda_version ($toolkit), arches sm_${archs// /,sm_}${ptx:+ + PTX $ptx}, host $host_cxx"
 
 # --- Debian sources and build dependencies -----------------------------------
+if [ "$resume" = 0 ]; then  # (not indented, to keep the steps readable)
 mkdir -p "$work/apt/etc/sources.list.d" "$work/apt/etc/preferences.d" \
          "$work/apt/state/lists/partial" "$work/apt/cache/archives/partial" "$work/src"
 : > "$work/apt/state/status"
@@ -171,6 +181,9 @@ while IFS= read -r link; do
   [ -e "$work/root$target" ] && ln -sfn "$(realpath --relative-to="$(dirname "$link")" "$work/root$target")" "$link"
 done < <(find "$work/root" -type l -lname '/*')
 say "unpacked $n dependency packages"
+touch "$work/.sources-ready"
+fi
+dsc=$(ls "$work"/src/caffe_*.dsc)
 
 # --- configure and build (libcaffe, the caffe tool and extract_features only) --
 deps=$work/root/usr
@@ -195,8 +208,8 @@ cmake -S "$work/src/caffe" -B "$build" -DCMAKE_BUILD_TYPE=Release \
   >"$work/configure.log" 2>&1 \
   || die "cmake configure failed: $(grep -m1 -A2 'CMake Error' "$work/configure.log" | tr '\n' ' ' | cut -c1-300) (log: $work/configure.log)"
 say "compiling caffe with $jobs jobs (about 20 minutes on 2 cores)"
-make -C "$build" -j"$jobs" caffe.bin extract_features.bin >"$work/build.log" 2>&1 \
-  || die "compile failed: $(grep -m1 -E 'error|Error' "$work/build.log" | cut -c1-300) (log: $work/build.log)"
+make -C "$build" -j"$jobs" caffe.bin extract_features >"$work/build.log" 2>&1 \
+  || die "compile failed: $(grep -E ': error|\*\*\*' "$work/build.log" | head -1 | cut -c1-300) (log: $work/build.log)"
 
 cp "$build/tools/caffe" "$build/tools/extract_features" "$work/libexec/"
 cp -P "$build"/lib/libcaffe.so* "$work/lib/"
