@@ -267,9 +267,11 @@ source=$(basename "$dsc" .dsc)
 patches=$(for p in "${patches[@]}"; do basename "$p"; done | tr '\n' ' ' | xargs)
 jobs=$jobs
 build_seconds=$seconds
+resumed=$resume
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 EOF
 echo "$stamp_text" > "$work/.complete"
+rm -f "$work/.stamp" "$work/.sources-ready"
 rm -rf "$prefix"
 mv "$work" "$prefix"
 say "done in $((seconds / 60)) min $((seconds % 60)) s: $("$prefix/bin/caffe" --version 2>&1) for CUDA $cuda_version at $prefix/bin/caffe (no system package touched)"

@@ -131,7 +131,11 @@ def describe(install: CaffeInstall, driver: Optional[Driver] = None) -> List[str
     lines = [
         f"build: GPU, CUDA {info.get('cuda')} ({'PyPI wheels' if info.get('toolkit') == 'pypi' else info.get('toolkit')}), "
         f"arches {sms}{' + ' + ptx if ptx else ''}, cuDNN {info.get('cudnn', 'off')}"
-        + (f", built in {int(info['build_seconds']) // 60} min" if info.get("build_seconds", "").isdigit() else "")
+        + (
+            f", built in {int(info['build_seconds']) // 60} min"
+            if info.get("build_seconds", "").isdigit() and info.get("resumed") != "1"
+            else ""
+        )
     ]
     d = driver if driver is not None else probe_driver()
     if d.cuda is None:
