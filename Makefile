@@ -59,7 +59,7 @@ caffe-gpu:
 
 # What scripts/device-check.sh needs on a GPU machine without network (build/device-check, <= 60 MiB):
 # the GPU caffe + libcaffe + small non-CUDA libraries (reference BLAS), Python 3.12 wheels, digits LMDBs.
-device-bundle: venv caffe-gpu
+device-bundle: caffe-gpu
 	scripts/make-device-bundle.sh
 
 caffe-info: venv
