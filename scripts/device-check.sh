@@ -69,7 +69,12 @@ EOF
 )
 export METAQNN_CUDA_LIBS=${METAQNN_CUDA_LIBS:-$cuda_libs}
 export CAFFE_BIN=$bundle/caffe/bin/caffe
-export PYTHONPATH=$here:$bundle/pylib${PYTHONPATH:+:$PYTHONPATH}
+# The bundle's Python packages (built for CPython 3.12) only where this Python lacks them.
+mkdir -p "$out/pylib"
+for spec in jinja2:jinja2 markupsafe:markupsafe google.protobuf:google lmdb:lmdb; do
+  "$python" -c "import ${spec%%:*}" 2>/dev/null || ln -sfn "$bundle/pylib/${spec#*:}" "$out/pylib/${spec#*:}"
+done
+export PYTHONPATH=$here:$out/pylib${PYTHONPATH:+:$PYTHONPATH}
 export GLOG_logtostderr=1 PYTHONDONTWRITEBYTECODE=1
 missing=$(LD_LIBRARY_PATH="$bundle/caffe/lib:$METAQNN_CUDA_LIBS" ldd "$bundle/caffe/libexec/caffe" | grep 'not found' | grep -v 'libcuda\.so' || true)
 [ -z "$missing" ] || die "the bundled caffe cannot load $(echo "$missing" | awk '{print $1}' | tr '\n' ' ')(CUDA libraries looked for in: ${METAQNN_CUDA_LIBS:-nowhere}; pip install nvidia-cublas nvidia-curand nvidia-cuda-runtime for CUDA 13, or set METAQNN_CUDA_LIBS)"
