@@ -59,7 +59,12 @@ def _gpus(args: argparse.Namespace) -> List[int]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from metaqnn.search import SearchOptions, default_data_dir, format_summary, run_search
+    from qagent.errors import ConfigError
 
+    if args.trainings_per_gpu < 1:
+        raise ConfigError(f"--trainings-per-gpu must be at least 1, got {args.trainings_per_gpu}")
+    if args.trainings_per_gpu > 1 and args.gpu is None and args.gpus is None:
+        raise ConfigError("--trainings-per-gpu packs trainings onto GPUs: give --gpu N or --gpus (CPU: --workers)")
     config = _build_config(args)
     name = str(config["dataset"]["name"])  # type: ignore[index]
     opts = SearchOptions(

@@ -292,3 +292,18 @@ def test_caffe_info_names_the_build_and_the_driver(tmp_path):
     text = out.stdout + out.stderr
     assert f"caffe: {prefix}/bin/caffe (GPU prefix)" in text
     assert "build: GPU, CUDA 13.0" in text and "GPU:" in text
+
+
+def test_trainings_per_gpu_needs_gpus_and_a_positive_k(tmp_path):
+    for extra, fragment in (
+        (["--trainings-per-gpu", "0", "--gpu", "0"], "must be at least 1"),
+        (["--trainings-per-gpu", "4"], "give --gpu N or --gpus"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "metaqnn", "search", "--exp", str(tmp_path / "x"), *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and fragment in out.stderr, out.stderr
