@@ -214,6 +214,11 @@ make -C "$build" -j"$jobs" caffe.bin extract_features >"$work/build.log" 2>&1 \
 cp "$build/tools/caffe" "$build/tools/extract_features" "$work/libexec/"
 cp -P "$build"/lib/libcaffe.so* "$work/lib/"
 cp "$work/src/caffe/debian/copyright" "$work/COPYRIGHT.caffe" 2>/dev/null || true
+# The schema for Python (metaqnn.caffe.schema): caffe.proto and its caffe_pb2.py, as pycaffe has them.
+mkdir -p "$work/include/caffe/proto" "$work/python/caffe/proto"
+cp "$work/src/caffe/src/caffe/proto/caffe.proto" "$work/include/caffe/proto/"
+"$deps/bin/protoc" --proto_path="$work/src/caffe/src/caffe/proto" --python_out="$work/python/caffe/proto" caffe.proto \
+  || die "protoc could not write caffe_pb2.py"
 
 # --- wrapper -------------------------------------------------------------------
 # CUDA runtime libraries, first found wins: METAQNN_CUDA_LIBS, CUDA_HOME at run
