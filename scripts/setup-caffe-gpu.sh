@@ -235,9 +235,9 @@ root="\$prefix/root"
 cuda=""
 for d in \${METAQNN_CUDA_LIBS:-} \${CUDA_HOME:+\$CUDA_HOME/lib64} \${VIRTUAL_ENV:+\$VIRTUAL_ENV/lib/python3*/site-packages/nvidia/cu$cuda_major/lib} \\
          "\$prefix"/../../.venv/lib/python3*/site-packages/nvidia/cu$cuda_major/lib "$rel_cuda"; do
-  [ -e "\$d/libcudart.so.$cuda_major" ] && cuda="\$cuda\$d:"
+  [ -e "\$d/libcudart.so.$cuda_major" ] && cuda="\${cuda:+\$cuda:}\$d"
 done
-LD_LIBRARY_PATH="\$prefix/lib:\$root/usr/lib/x86_64-linux-gnu/openblas-pthread:\$root/usr/lib/x86_64-linux-gnu:\$root/lib/x86_64-linux-gnu:\$cuda\${LD_LIBRARY_PATH:-}"
+LD_LIBRARY_PATH="\$prefix/lib:\$root/usr/lib/x86_64-linux-gnu/openblas-pthread:\$root/usr/lib/x86_64-linux-gnu:\$root/lib/x86_64-linux-gnu\${cuda:+:\$cuda}\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
 exec "\$prefix/libexec/$tool" "\$@"
 EOF
