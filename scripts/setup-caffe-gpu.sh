@@ -233,7 +233,7 @@ for tool in caffe extract_features; do
 prefix="\$(cd "\$(dirname "\$0")/.." && pwd)"
 root="\$prefix/root"
 cuda=""
-for d in \${METAQNN_CUDA_LIBS:-} \${CUDA_HOME:+\$CUDA_HOME/lib64} \${VIRTUAL_ENV:+\$VIRTUAL_ENV/lib/python3*/site-packages/nvidia/cu$cuda_major/lib} \\
+for d in \$(echo "\${METAQNN_CUDA_LIBS:-}" | tr : ' ') \${CUDA_HOME:+\$CUDA_HOME/lib64} \${VIRTUAL_ENV:+\$VIRTUAL_ENV/lib/python3*/site-packages/nvidia/cu$cuda_major/lib} \\
          "\$prefix"/../../.venv/lib/python3*/site-packages/nvidia/cu$cuda_major/lib "$rel_cuda"; do
   [ -e "\$d/libcudart.so.$cuda_major" ] && cuda="\${cuda:+\$cuda:}\$d"
 done
