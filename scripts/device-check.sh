@@ -21,7 +21,14 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 bundle=${DEVICE_BUNDLE:-$here/build/device-check}
-python=${PYTHON:-python3}
+python=${PYTHON:-}
+if [ -z "$python" ]; then  # the machine's python3 (numpy; 3.12 for the bundle's lmdb), else the project's venv
+  for cand in python3 "$here/.venv/bin/python"; do
+    if "$cand" -c 'import sys, numpy, importlib.util as u; sys.exit(sys.version_info[:2] != (3, 12) and not u.find_spec("lmdb"))' \
+       >/dev/null 2>&1; then python=$cand; break; fi
+  done
+  python=${python:-python3}
+fi
 budget=${DEVICE_CHECK_BUDGET_S:-450}
 out_root=${OUT:-$(mktemp -d /tmp/device-check.XXXXXX)}
 out=$out_root/device-check
@@ -81,7 +88,8 @@ missing=$(LD_LIBRARY_PATH="$bundle/caffe/lib:$METAQNN_CUDA_LIBS" ldd "$bundle/ca
 [ -z "$missing" ] || die "the bundled caffe cannot load $(echo "$missing" | awk '{print $1}' | tr '\n' ' ')(CUDA libraries looked for in: ${METAQNN_CUDA_LIBS:-nowhere}; pip install nvidia-cublas nvidia-curand nvidia-cuda-runtime for CUDA 13, or set METAQNN_CUDA_LIBS)"
 say "caffe: $("$CAFFE_BIN" --version 2>&1 | tail -1), CUDA libraries from ${METAQNN_CUDA_LIBS}"
 dc=("$python" "$here/bench/device_check.py" --out "$out" --data "$bundle/data/digits" --published "$bundle/published")
-"${dc[@]}" preflight || die "the project does not import with $python and the bundle's pylib"
+"${dc[@]}" preflight 2>"$out/preflight.err" \
+  || die "the project does not import with $python and the bundle's pylib (built for CPython 3.12; set PYTHON): $(tail -1 "$out/preflight.err")"
 "$python" -m metaqnn caffe-info --gpu 2>&1 | sed 's/^/device-check: /'
 step parity-cpu 120 "${dc[@]}" parity --mode cpu
 
