@@ -6,6 +6,9 @@
 #   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
 #   make chaos                kill -9 a digits search 24 times, resume, compare (not in `make test`: ~10 min)
+#   make search DATASET=svhn GPUS=0,1 TRAININGS_PER_GPU=4  four small trainings share each GPU
+#   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
+#   make device-bundle        what scripts/device-check.sh needs on a GPU machine (build/device-check)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,6 +19,7 @@ TOP ?= 10
 GPU ?=
 GPUS ?=
 WORKERS ?=
+TRAININGS_PER_GPU ?=
 RAY ?=
 SOURCE ?=
 SET ?=
@@ -25,11 +29,12 @@ VENV_FLAGS ?= $(if $(CONDA_PREFIX),--system-site-packages,)
 
 exp_arg = $(if $(EXP),--exp $(EXP),)
 gpu_arg = $(if $(GPU),--gpu $(GPU),)
-par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RAY),--ray $(RAY),)
+par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RAY),--ray $(RAY),) \
+           $(if $(TRAININGS_PER_GPU),--trainings-per-gpu $(TRAININGS_PER_GPU),)
 src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup venv caffe demo search status download data report export finetune ensemble compare regenerate-check arch \
+.PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
         test test-fast lint typecheck py38 bench chaos clean
 
 setup: venv caffe
@@ -46,6 +51,21 @@ caffe:
 	@if [ -n "$$CAFFE_BIN$$CAFFE_ROOT" ] || command -v caffe >/dev/null 2>&1; then \
 	  echo "setup-caffe: using the caffe you have ($${CAFFE_BIN:-$${CAFFE_ROOT:-$$(command -v caffe)}})"; \
 	else scripts/setup-caffe.sh; fi
+
+# Caffe 1.0 for NVIDIA GPUs in a private prefix (.deps/caffe-gpu); never touches system packages.
+#   GPU_ARCHS="80 90" GPU_PTX=90 (defaults), CUDA_HOME=/usr/local/cuda-12.x for the user's own toolkit,
+#   JOBS=N parallel compile jobs.  A no-op when already built with the same settings.
+caffe-gpu:
+	@$(if $(GPU_ARCHS),GPU_ARCHS="$(GPU_ARCHS)") $(if $(GPU_PTX),GPU_PTX="$(GPU_PTX)") \
+	  $(if $(JOBS),JOBS=$(JOBS)) $(if $(CUDA_HOME),CUDA_HOME="$(CUDA_HOME)") scripts/setup-caffe-gpu.sh
+
+# What scripts/device-check.sh needs on a GPU machine without network (build/device-check, <= 60 MiB):
+# the GPU caffe + libcaffe + small non-CUDA libraries (reference BLAS), Python 3.12 wheels, digits LMDBs.
+device-bundle: caffe-gpu
+	scripts/make-device-bundle.sh
+
+caffe-info: venv
+	$(PY) -m metaqnn caffe-info $(if $(GPU)$(GPUS),--gpu,)
 
 demo: setup
 	$(PY) -m metaqnn search --dataset digits $(exp_arg) $(set_args)

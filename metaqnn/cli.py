@@ -118,7 +118,10 @@ def _stall(args: argparse.Namespace) -> "Optional[Stall]":
 
 def cmd_search(args: argparse.Namespace) -> int:
     from metaqnn.search import SearchOptions, default_data_dir, format_summary, run_search
+    from qagent.errors import ConfigError
 
+    if args.trainings_per_gpu > 1 and args.gpu is None and args.gpus is None:
+        raise ConfigError("--trainings-per-gpu packs trainings onto GPUs: give --gpu N or --gpus (CPU: --workers)")
     config = _build_config(args)
     opts = SearchOptions(
         exp_dir=_exp_dir(args, config.name),
@@ -129,6 +132,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         ray=args.ray or os.environ.get("RAY_ADDRESS") or None,
         ray_gpus=(args.gpus or "").strip() == "all" or bool(_gpus(args)),
         cpus_per_trial=args.cpus_per_trial,
+        trainings_per_gpu=args.trainings_per_gpu,
         timeout=args.timeout,
         max_models=args.max_models,
         max_same_failures=args.max_same_failures,
@@ -183,12 +187,20 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_caffe_info(args: argparse.Namespace) -> int:
-    from metaqnn.caffe.locate import find_caffe
+    from metaqnn.caffe.gpu import describe
+    from metaqnn.caffe.locate import find_caffe, find_gpu_build
     from metaqnn.caffe.schema import load_schema
 
-    c = find_caffe()
+    c = find_caffe(gpu=args.gpu)
     pb = load_schema()
     print(f"caffe: {c.binary} ({c.origin}), {c.version()}")
+    for line in describe(c):
+        print(line)
+    gpu_build = find_gpu_build()
+    if gpu_build is not None and gpu_build.binary != c.binary:
+        print(f"GPU build: {gpu_build.binary} (used with GPU=/GPUS=; `caffe-info --gpu` describes it)")
+    elif gpu_build is None and c.is_cpu_prefix:
+        print("GPU build: none (`make caffe-gpu` builds one for NVIDIA GPUs)")
     print(f"schema: {getattr(pb, '__file__', 'descriptor from ' + ', '.join(map(str, c.schema_candidates()[:1])))}")
     return 0
 
@@ -305,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None, help="train on this GPU (default: CPU)")
     p.add_argument("--gpus", default=None, help="GPU ids (0,1,...): one training per GPU at a time; 'all' on Ray")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, help="trainings at once (CPU); default one per GPU")
+    p.add_argument(
+        "--trainings-per-gpu",
+        type=POSITIVE_INT,
+        default=1,
+        metavar="K",
+        help="small nets: K trainings share each GPU (Ray: num_gpus=1/K); out of memory retries at K/2, ..., 1",
+    )
     p.add_argument("--ray", default=None, help="address of a running Ray cluster (or set RAY_ADDRESS)")
     p.add_argument("--cpus-per-trial", type=POSITIVE_NUMBER, default=1.0, help="Ray CPUs reserved per CPU training")
     p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per caffe run, seconds")
@@ -334,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--dest", help="folder for the release files (default data/<dataset>/source)")
 
-    add("caffe-info", cmd_caffe_info, "which caffe and which schema this project uses")
+    p = add("caffe-info", cmd_caffe_info, "which caffe and which schema this project uses (build, CUDA, driver)")
+    p.add_argument("--gpu", action="store_true", help="the Caffe that GPU=/GPUS= would use")
 
     p = add("render", cmd_render, "render net + solvers for one architecture")
     _config_args(p)

@@ -8,18 +8,18 @@ models in flight, results applied as they arrive.
 * :class:`InlineExecutor` -- runs a job when it is waited for: the sequential search, with the
   exact sample -> train -> learn order of Algorithm 1 (and its determinism).
 * :class:`LocalExecutor` -- a thread pool (each training is a caffe subprocess); GPUs, when given,
-  are handed out one per training.
-* :class:`RayExecutor` -- Ray tasks with one GPU (or ``cpus_per_trial`` CPUs) each, assigned by
-  Ray; a task whose worker or node dies is retried by Ray, and the retried trainer resumes from
+  are handed out per training, ``per_gpu`` trainings to a GPU (see :mod:`metaqnn.packing`).
+* :class:`RayExecutor` -- Ray tasks with ``1/per_gpu`` GPU (or ``cpus_per_trial`` CPUs) each,
+  assigned by Ray; an out-of-memory is run again with a larger share of a GPU; a task whose worker or node dies is retried by Ray, and the retried trainer resumes from
   the model's last snapshot when the model folder is on a shared file system.
 """
 
 import concurrent.futures as cf
 import logging
 import os
-import queue
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from metaqnn.packing import GpuPool, is_oom, on_gpu, packing_levels, run_packed
 from qagent.errors import MetaQNNError
 
 Outcome = Union[Any, BaseException]
@@ -51,26 +51,23 @@ class InlineExecutor:
 
 
 class LocalExecutor:
-    def __init__(self, run: Callable[[Any], Any], slots: int, gpus: Sequence[int] = ()) -> None:
+    def __init__(self, run: Callable[[Any], Any], slots: int, gpus: Sequence[int] = (), per_gpu: int = 1) -> None:
         if slots < 1:
             raise ExecutorError(f"need at least one worker slot, got {slots}")
-        if gpus and len(gpus) < slots:
-            raise ExecutorError(f"{slots} slots but only {len(gpus)} GPUs ({list(gpus)}): one GPU per training")
+        if per_gpu < 1:
+            raise ExecutorError(f"trainings per GPU must be at least 1, got {per_gpu}")
+        if gpus and len(gpus) * per_gpu < slots:
+            raise ExecutorError(f"{slots} slots but only {len(gpus)} GPUs ({list(gpus)}) x {per_gpu} trainings per GPU")
         self.slots = slots
         self._run = run
         self._pool = cf.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="train")
         self._futures: Dict[cf.Future, str] = {}
-        self._gpus: queue.Queue[Optional[int]] = queue.Queue()  # novermin (never evaluated)
-        devices: List[Optional[int]] = list(gpus) if gpus else [None] * slots
-        for g in devices:
-            self._gpus.put(g)
+        self.gpu_pool = GpuPool(gpus, per_gpu) if gpus else None
 
     def _with_gpu(self, job: Any) -> Any:
-        gpu = self._gpus.get()
-        try:
-            return self._run(job if gpu is None else _set_gpu(job, gpu))
-        finally:
-            self._gpus.put(gpu)
+        if self.gpu_pool is None:
+            return self._run(job)
+        return run_packed(self._run, job, self.gpu_pool, _set_gpu)
 
     def submit(self, key: str, job: Any) -> None:
         self._futures[self._pool.submit(self._with_gpu, job)] = key
@@ -91,9 +88,7 @@ class LocalExecutor:
 
 
 def _set_gpu(job: Any, gpu: int) -> Any:
-    from dataclasses import replace
-
-    return replace(job, gpu=gpu)
+    return on_gpu(job, gpu)
 
 
 def _ray_train(job: Any, run: Callable[[Any], Any], use_gpu: bool) -> Any:
@@ -103,7 +98,7 @@ def _ray_train(job: Any, run: Callable[[Any], Any], use_gpu: bool) -> Any:
     if is_dataclass(job) and not isinstance(job, type) and hasattr(job, "caffe"):
         from metaqnn.caffe.locate import find_caffe
 
-        job = replace(job, caffe=find_caffe().binary, gpu=0 if use_gpu else None)
+        job = replace(job, caffe=find_caffe(gpu=use_gpu).binary, gpu=0 if use_gpu else None)
     result = run(job)
     if hasattr(result, "worker"):
         import ray
@@ -123,6 +118,7 @@ class RayExecutor:
         use_gpu: bool = False,
         cpus_per_trial: float = 1.0,
         max_retries: int = 3,
+        per_gpu: int = 1,
     ) -> None:
         try:
             import ray
@@ -137,7 +133,7 @@ class RayExecutor:
             raise ExecutorError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
         self._ray = ray
         resources = ray.cluster_resources()
-        capacity = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 0) // cpus_per_trial)
+        capacity = int(resources.get("GPU", 0) * per_gpu) if use_gpu else int(resources.get("CPU", 0) // cpus_per_trial)
         if capacity < 1:
             raise ExecutorError(f"the Ray cluster at {address} has no {'GPU' if use_gpu else 'CPU'} for a training")
         self.slots = slots or capacity
@@ -149,18 +145,30 @@ class RayExecutor:
         )
         self._run = run
         self._use_gpu = use_gpu
+        self._levels = packing_levels(per_gpu) if use_gpu else [1]
         self._refs: Dict[Any, str] = {}
+        self._jobs: Dict[str, Tuple[Any, int]] = {}  # key -> (job, index into the packing levels)
+
+    def _send(self, key: str, job: Any, level: int) -> None:
+        self._jobs[key] = (job, level)
+        remote = self._remote.options(num_gpus=1.0 / self._levels[level]) if self._use_gpu else self._remote
+        self._refs[remote.remote(job, self._run, self._use_gpu)] = key
 
     def submit(self, key: str, job: Any) -> None:
-        self._refs[self._remote.remote(job, self._run, self._use_gpu)] = key
+        self._send(key, job, 0)
 
     def wait_any(self) -> List[Tuple[str, Outcome]]:
         ready, _ = self._ray.wait(list(self._refs), num_returns=1)
         out = []
         for ref in ready:
             key = self._refs.pop(ref)
+            job, level = self._jobs.pop(key)
             try:
-                out.append((key, self._ray.get(ref)))
+                result = self._ray.get(ref)
+                if is_oom(result) and level + 1 < len(self._levels):
+                    self._send(key, job, level + 1)  # again, with a larger share of a GPU
+                    continue
+                out.append((key, result))
             except self._ray.exceptions.RayTaskError as exc:  # an exception raised by the training itself
                 out.append((key, exc.as_instanceof_cause()))
             except self._ray.exceptions.RayError as exc:  # worker/node lost beyond the retries
@@ -171,4 +179,5 @@ class RayExecutor:
         for ref in self._refs:
             self._ray.cancel(ref, force=True)
         self._refs.clear()
+        self._jobs.clear()
         self._ray.shutdown()

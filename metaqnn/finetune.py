@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from data_prep.lmdb_writer import iter_lmdb
+from metaqnn.caffe.gpu import ensure_gpu_ready
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.caffe.schema import load_schema
@@ -52,7 +53,9 @@ def _solver_for(folder: Path, gpu: Optional[int]) -> Path:
 def finetune(
     exp_dir: Path, top: int, gpu: Optional[int] = None, timeout: Optional[float] = None, log: Any = print
 ) -> List[Dict[str, Any]]:
-    caffe = find_caffe()
+    caffe = find_caffe(gpu=gpu is not None)
+    if gpu is not None:
+        ensure_gpu_ready(caffe)
     results = []
     for folder in _exported(exp_dir, top):
         done = folder / "finetune.json"
@@ -98,7 +101,9 @@ def _prob_net(folder: Path) -> Path:
 
 
 def ensemble(exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
-    caffe = find_caffe()
+    caffe = find_caffe(gpu=gpu is not None)
+    if gpu is not None:
+        ensure_gpu_ready(caffe)
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
         data_dir = experiment_data_dir(store)
     labels = np.array([load_schema().Datum.FromString(v).label for _, v in iter_lmdb(data_dir / "test.lmdb")])

@@ -19,6 +19,7 @@ from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
 from metaqnn import faults
 from metaqnn.caffe import runner
+from metaqnn.caffe.gpu import ensure_gpu_ready
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.caffe.schema import load_schema
@@ -45,6 +46,7 @@ class SearchOptions:
     workers: int = 1  # trainings in flight at once (default: one per GPU, else 1)
     ray: Optional[str] = None  # address of a running Ray cluster
     ray_gpus: bool = False  # on Ray: one GPU per training (slots = the cluster's GPUs)
+    trainings_per_gpu: int = 1  # trainings packed onto one GPU at once (local pool: slots; Ray: num_gpus=1/K)
     cpus_per_trial: float = 1.0  # Ray CPU resources per CPU training
     timeout: Optional[float] = None
     max_models: Optional[int] = None  # stop after this many newly trained models (demos, tests)
@@ -186,18 +188,21 @@ def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> 
             slots=options.workers if options.workers > 1 else None,
             use_gpu=options.ray_gpus,
             cpus_per_trial=options.cpus_per_trial,
+            per_gpu=options.trainings_per_gpu,
         )
-    slots = max(options.workers, len(options.gpus) or 1)
+    slots = max(options.workers, len(options.gpus) * options.trainings_per_gpu or 1)
     if slots == 1:
         gpu = options.gpus[0] if options.gpus else None
         return InlineExecutor(lambda job: run(job if gpu is None else replace(job, gpu=gpu)))
-    return LocalExecutor(run, slots, options.gpus)
+    return LocalExecutor(run, slots, options.gpus, per_gpu=options.trainings_per_gpu if options.gpus else 1)
 
 
 def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
     """Check everything (caffe, data, options), then create or resume the experiment and search."""
     log = options.log
-    caffe = find_caffe()
+    caffe = find_caffe(gpu=bool(options.gpus) or options.ray_gpus)
+    if options.gpus and not options.ray:
+        ensure_gpu_ready(caffe)
     version = check_caffe_runs(caffe.binary)
     load_schema()  # the schema comes from this Caffe: missing, it is named now, not blamed on the data
     space = config.space
@@ -246,7 +251,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
         where = (
             f"Ray cluster {options.ray}"
             if options.ray
-            else (f"GPU {','.join(map(str, options.gpus))}" if options.gpus else "CPU")
+            else (f"GPU {','.join(map(str, options.gpus))} x {options.trainings_per_gpu}" if options.gpus else "CPU")
         )
         log(
             f"search: experiment {options.exp_dir} | caffe {caffe.binary} ({caffe.origin}, {version}) | {where} | "

@@ -75,6 +75,7 @@ class TrainJob:
     retries: int = 1  # extra attempts for transient failures (timeout, killed by a signal)
     seed: Optional[int] = None  # Caffe's random_seed (weight fillers, dropout): CPU training is then repeatable
     stall: Optional[Stall] = field(default_factory=Stall)  # watchdog for a hung or stopped caffe; None: off
+    env: Tuple[Tuple[str, str], ...] = ()  # extra environment of caffe, e.g. the GPU it sees (metaqnn.packing)
 
     def __post_init__(self) -> None:
         # caffe runs inside the model folder: a relative path would point somewhere else there
@@ -353,6 +354,7 @@ class Trainer:
             iters_per_epoch=self.ipe,
             epoch_seconds=prior_epoch,
             run_number=self.state["runs"],
+            env=dict(self.job.env) or None,
         )
         self.caffe_time += outcome.wall_time
         self.states.append(outcome.state)

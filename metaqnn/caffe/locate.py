@@ -3,8 +3,12 @@
 Order: ``CAFFE_BIN`` (a caffe binary), ``CAFFE_ROOT`` (a source build or an
 install prefix), ``caffe`` on PATH (conda), then the project's private Debian
 prefix made by ``scripts/setup-caffe.sh`` (``METAQNN_CAFFE_PREFIX`` or
-``.deps/caffe``).  The result also names the sibling tools (convert_mnist_data,
-extract_features, ...) and where a caffe_pb2.py / caffe.proto / libcaffe may be.
+``.deps/caffe``).  When a GPU is asked for, the project's GPU build made by
+``scripts/setup-caffe-gpu.sh`` (``METAQNN_CAFFE_GPU_PREFIX`` or ``.deps/caffe-gpu``)
+comes right after the two variables; without a GPU it is the last resort (it
+trains in CPU mode too).  The result also names the sibling tools
+(convert_mnist_data, extract_features, ...) and where a caffe_pb2.py /
+caffe.proto / libcaffe may be.
 """
 
 import os
@@ -12,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from metaqnn.config import PROJECT_ROOT
 from qagent.errors import MetaQNNError
@@ -42,6 +46,9 @@ class CaffeInstall:
         on_path = shutil.which(name)
         if found is None and on_path:
             found = Path(on_path)
+        cpu_tool = default_prefix() / "bin" / name
+        if found is None and self.build_info() is not None and cpu_tool.is_file():
+            found = cpu_tool  # the GPU build has no converters: the CPU prefix's are the same Caffe 1.0
         if found is None:
             raise CaffeNotFoundError(f"Caffe tool {name!r} not found next to {self.binary}")
         return found
@@ -68,6 +75,31 @@ class CaffeInstall:
         out += sorted(root.glob("src/caffe/proto/caffe.proto")) + sorted(root.glob("include/caffe/proto/caffe.proto"))
         return [p for p in out if p.is_file()]
 
+    def build_info(self) -> Optional[Dict[str, str]]:
+        """What scripts/setup-caffe-gpu.sh recorded (build, cuda, archs, ptx, ...); None for other installs."""
+        root = self.root
+        path = root / "build-info" if root is not None else None
+        if path is None or not path.is_file():
+            return None
+        info: Dict[str, str] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.startswith("#"):
+                info[key.strip()] = value.strip()
+        return info
+
+    @property
+    def is_gpu_build(self) -> bool:
+        info = self.build_info()
+        return info is not None and info.get("build") == "gpu"
+
+    @property
+    def is_cpu_prefix(self) -> bool:
+        """The project's Debian CPU prefix: known to be CPU_ONLY."""
+        root = self.root
+        stamp = root / ".complete" if root is not None else None
+        return stamp is not None and stamp.is_file() and stamp.read_text().startswith("caffe-1.0 bullseye openblas")
+
     def version(self) -> str:
         proc = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True, timeout=60, check=False)
         return (proc.stdout + proc.stderr).strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
@@ -77,7 +109,19 @@ def default_prefix() -> Path:
     return Path(os.environ.get("METAQNN_CAFFE_PREFIX") or PROJECT_ROOT / ".deps" / "caffe")
 
 
-def find_caffe() -> CaffeInstall:
+def default_gpu_prefix() -> Path:
+    return Path(os.environ.get("METAQNN_CAFFE_GPU_PREFIX") or PROJECT_ROOT / ".deps" / "caffe-gpu")
+
+
+def find_gpu_build() -> Optional[CaffeInstall]:
+    p = default_gpu_prefix() / "bin" / "caffe"
+    if p.is_file() and os.access(p, os.X_OK) and (p.parent.parent / ".complete").is_file():
+        return CaffeInstall(p, "GPU prefix")
+    return None
+
+
+def find_caffe(gpu: bool = False) -> CaffeInstall:
+    """The Caffe to run; ``gpu=True`` (a GPU was asked for) prefers the project's GPU build."""
     searched: List[str] = []
     env_bin = os.environ.get("CAFFE_BIN")
     if env_bin:
@@ -93,6 +137,9 @@ def find_caffe() -> CaffeInstall:
                 return CaffeInstall(p, "CAFFE_ROOT")
         raise CaffeNotFoundError(f"CAFFE_ROOT={env_root} holds no build/tools/caffe or bin/caffe")
     searched.append("CAFFE_BIN, CAFFE_ROOT (unset)")
+    gpu_build = find_gpu_build()
+    if gpu and gpu_build is not None:
+        return gpu_build
     on_path = shutil.which("caffe")
     if on_path:
         return CaffeInstall(Path(on_path), "PATH")
@@ -102,6 +149,9 @@ def find_caffe() -> CaffeInstall:
     if p.is_file() and os.access(p, os.X_OK):
         return CaffeInstall(p, "private prefix")
     searched.append(str(p))
+    if gpu_build is not None:
+        return gpu_build  # a GPU build trains in CPU mode too
+    searched.append(str(default_gpu_prefix() / "bin" / "caffe"))
     raise CaffeNotFoundError(
         "no Caffe found (searched " + "; ".join(searched) + "): run `make caffe` (Debian/Ubuntu), "
         "install conda's caffe (environment.yml), or set CAFFE_BIN/CAFFE_ROOT"
