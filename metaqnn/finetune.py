@@ -12,6 +12,7 @@ ensemble: the softmax outputs of the top finetuned models on the test set are av
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,9 +25,17 @@ from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.caffe.schema import load_schema
 from metaqnn.export import export_top
+from metaqnn.lrschedule import RateSchedule, finetune_problems
 from metaqnn.search import STORE_NAME, experiment_data_dir
 from qagent.errors import MetaQNNError
 from qagent.store import ExperimentStore
+
+# A finetuned model that tests more than this below its search validation accuracy is flagged.
+# "A couple of points": on the digits demo's 300 test images one image is 0.33 points, and the
+# validation accuracy is the best epoch of a search that picked the top models out of many, so
+# it is optimistic by a point or so; 2 points (6 of 300 images) is beyond that noise.
+DROP_FLAG = 0.02
+FLAG_TEXT = "DROP"
 
 
 class FinetuneError(MetaQNNError):
@@ -39,14 +48,42 @@ def _exported(exp_dir: Path, top: int) -> List[Path]:
     return sorted(p for p in out.iterdir() if p.is_dir())[:top]
 
 
+def _solver_message(path: Path) -> Any:
+    solver = load_schema().SolverParameter()
+    text_format.Parse(path.read_text(), solver)
+    return solver
+
+
 def _solver_for(folder: Path, gpu: Optional[int]) -> Path:
+    """The exported finetune solver as run here: this device, and the model's Caffe seed (repeatable on the CPU)."""
     pb = load_schema()
-    solver = pb.SolverParameter()
-    text_format.Parse((folder / "solver_finetune.prototxt").read_text(), solver)
+    solver = _solver_message(folder / "solver_finetune.prototxt")
     solver.solver_mode = pb.SolverParameter.GPU if gpu is not None else pb.SolverParameter.CPU
+    seed = _metadata(folder).get("caffe_seed")
+    if seed is not None and not solver.HasField("random_seed"):
+        solver.random_seed = int(seed)
     path = folder / "solver_finetune_run.prototxt"
     path.write_text(text_format.MessageToString(solver))
     return path
+
+
+def _metadata(folder: Path) -> Dict[str, Any]:
+    path = folder / "metadata.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+def _schedule(path: Path) -> RateSchedule:
+    msg = _solver_message(path)
+    return RateSchedule.from_fields(
+        [(f.name, v) for f, v in msg.ListFields() if f.name != "stepvalue"] + [("stepvalue", v) for v in msg.stepvalue]
+    )
+
+
+def schedule_warnings(folder: Path) -> List[str]:
+    """What is wrong with the finetune schedule of an exported model, against its search schedule."""
+    return finetune_problems(
+        _schedule(folder / "solver_finetune.prototxt"), _schedule(folder / "solver_search.prototxt")
+    )
 
 
 def finetune(
@@ -56,9 +93,18 @@ def finetune(
     results = []
     for folder in _exported(exp_dir, top):
         done = folder / "finetune.json"
-        if done.exists():  # resumable: a finished model is not trained again
-            results.append(json.loads(done.read_text()))
-            continue
+        protocol = (folder / "solver_finetune.prototxt").read_text()
+        if done.exists():  # resumable: a model finished with this protocol is not trained again
+            previous = json.loads(done.read_text())
+            if previous.get("solver") == protocol:
+                results.append(previous)
+                continue
+            log(f"finetune: {folder.name} was finetuned with another protocol: training it again")
+            done.unlink()
+        for stale in folder.glob("test_prob.lmdb"):  # the ensemble's probabilities of older weights
+            shutil.rmtree(stale)
+        for problem in schedule_warnings(folder):
+            log(f"warning: {folder.name}: {problem}")
         solver = _solver_for(folder, gpu)
         log(f"finetune: {folder.name} ({(folder / 'arch.txt').read_text().strip()})")
         o = run_caffe(
@@ -71,15 +117,60 @@ def finetune(
         result: Dict[str, Any] = {
             "model": folder.name,
             "arch": (folder / "arch.txt").read_text().strip(),
+            "validation_accuracy": _metadata(folder).get("validation_accuracy"),
             "test_accuracy": accs[-1],
             "best_test_accuracy": max(accs),
             "weights": f"modelsave_iter_{last_iter}.caffemodel",
             "wall_time": o.wall_time,
+            "solver": protocol,
         }
         done.write_text(json.dumps(result, indent=1))
-        log(f"  test accuracy {result['test_accuracy']:.4f} (error {100 * (1 - result['test_accuracy']):.2f}%)")
+        log(f"  {format_pair(result)}")
         results.append(result)
     return results
+
+
+def drop_of(result: Dict[str, Any]) -> Optional[float]:
+    """Search validation accuracy minus finetuned test accuracy (None when the first is unknown)."""
+    val = result.get("validation_accuracy")
+    return None if val is None else float(val) - float(result["test_accuracy"])
+
+
+def flagged(result: Dict[str, Any]) -> bool:
+    drop = drop_of(result)
+    return drop is not None and drop > DROP_FLAG + 1e-9
+
+
+def format_pair(result: Dict[str, Any]) -> str:
+    val = result.get("validation_accuracy")
+    text = (
+        f"search val. acc. {'?' if val is None else f'{val:.4f}'} -> finetuned test acc. {result['test_accuracy']:.4f}"
+    )
+    return text + (f"  << {FLAG_TEXT}" if flagged(result) else "")
+
+
+def format_results(results: List[Dict[str, Any]]) -> List[str]:
+    """The finetune table: each model's search validation accuracy beside its finetuned test accuracy."""
+    lines = [
+        "| model | search val. acc. | finetuned test acc. | change (points) | test error (%) | architecture |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        val, drop = r.get("validation_accuracy"), drop_of(r)
+        lines.append(
+            f"| {r['model']} | {'?' if val is None else f'{100 * val:.2f}'} | {100 * r['test_accuracy']:.2f} | "
+            f"{'?' if drop is None else f'{-100 * drop:+.2f}'}{' **' + FLAG_TEXT + '**' if flagged(r) else ''} | "
+            f"{100 * (1 - r['test_accuracy']):.2f} | `{r['arch']}` |"
+        )
+    bad = [r["model"] for r in results if flagged(r)]
+    if bad:
+        lines += [
+            "",
+            f"warning: {len(bad)} of {len(results)} models test more than {100 * DROP_FLAG:g} points below their "
+            f"search validation accuracy ({', '.join(bad)}): check the finetune protocol "
+            "(solvers/<finetune>.toml) and each model's finetune.log before trusting these numbers.",
+        ]
+    return lines
 
 
 def _prob_net(folder: Path) -> Path:
