@@ -10,6 +10,7 @@ ensemble: the softmax outputs of the top finetuned models on the test set are av
           class probabilities per image; we average them and score against the test labels.
 """
 
+import hashlib
 import json
 import math
 import shutil
@@ -72,7 +73,8 @@ def _metadata(folder: Path) -> Dict[str, Any]:
     return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
-def _schedule(path: Path) -> RateSchedule:
+def solver_schedule(path: Path) -> RateSchedule:
+    """The rate schedule of a solver prototxt."""
     msg = _solver_message(path)
     return RateSchedule.from_fields(
         [(f.name, v) for f, v in msg.ListFields() if f.name != "stepvalue"] + [("stepvalue", v) for v in msg.stepvalue]
@@ -82,52 +84,80 @@ def _schedule(path: Path) -> RateSchedule:
 def schedule_warnings(folder: Path) -> List[str]:
     """What is wrong with the finetune schedule of an exported model, against its search schedule."""
     return finetune_problems(
-        _schedule(folder / "solver_finetune.prototxt"), _schedule(folder / "solver_search.prototxt")
+        solver_schedule(folder / "solver_finetune.prototxt"), solver_schedule(folder / "solver_search.prototxt")
     )
+
+
+def _inputs_digest(folder: Path) -> str:
+    """What a finetune result depends on: the exported solver and net."""
+    h = hashlib.sha256()
+    for name in ("solver_finetune.prototxt", "finetune_net.prototxt"):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def _finetuned(folder: Path) -> bool:
+    done = folder / "finetune.json"
+    return done.exists() and json.loads(done.read_text()).get("inputs_sha256") == _inputs_digest(folder)
+
+
+def finetune_model(
+    folder: Path, caffe: Any, gpu: Optional[int] = None, timeout: Optional[float] = None, log: Any = print
+) -> Dict[str, Any]:
+    """Train one exported model folder with its ``solver_finetune.prototxt``; resumable."""
+    done = folder / "finetune.json"
+    digest = _inputs_digest(folder)
+    if done.exists():  # a model finished with this solver and net is not trained again
+        previous: Dict[str, Any] = json.loads(done.read_text())
+        if previous.get("inputs_sha256") == digest:
+            return previous
+        log(f"finetune: {folder.name} was finetuned with another solver or net: training it again")
+        done.unlink()
+    for stale in folder.glob("test_prob.lmdb"):  # the ensemble's probabilities of older weights
+        shutil.rmtree(stale)
+    (folder.parent / "ensemble.json").unlink(missing_ok=True)  # and its result
+    for problem in schedule_warnings(folder):
+        log(f"warning: {folder.name}: {problem}")
+    solver = _solver_for(folder, gpu)
+    log(f"finetune: {folder.name} ({(folder / 'arch.txt').read_text().strip()})")
+    o = run_caffe(
+        train_argv(caffe.binary, solver, None, gpu), cwd=folder, log_path=folder / "finetune.log", timeout=timeout
+    )
+    if o.returncode != 0 or not o.state.done or not o.state.test_rows:
+        raise FinetuneError(f"finetuning {folder.name} failed: see {folder / 'finetune.log'}")
+    accs = [r["Accuracy1"] for r in o.state.test_rows if math.isfinite(r.get("Accuracy1", math.nan))]
+    last_iter = int(o.state.test_rows[-1]["NumIters"])
+    result: Dict[str, Any] = {
+        "model": folder.name,
+        "arch": (folder / "arch.txt").read_text().strip(),
+        "validation_accuracy": _metadata(folder).get("validation_accuracy"),
+        "test_accuracy": accs[-1],
+        "best_test_accuracy": max(accs),
+        "weights": f"modelsave_iter_{last_iter}.caffemodel",
+        "wall_time": o.wall_time,
+        "inputs_sha256": digest,
+    }
+    done.write_text(json.dumps(result, indent=1))
+    log(f"  {format_pair(result)}")
+    return result
 
 
 def finetune(
     exp_dir: Path, top: int, gpu: Optional[int] = None, timeout: Optional[float] = None, log: Any = print
 ) -> List[Dict[str, Any]]:
     caffe = find_caffe()
-    results = []
-    for folder in _exported(exp_dir, top):
-        done = folder / "finetune.json"
-        protocol = (folder / "solver_finetune.prototxt").read_text()
-        if done.exists():  # resumable: a model finished with this protocol is not trained again
-            previous = json.loads(done.read_text())
-            if previous.get("solver") == protocol:
-                results.append(previous)
-                continue
-            log(f"finetune: {folder.name} was finetuned with another protocol: training it again")
-            done.unlink()
-        for stale in folder.glob("test_prob.lmdb"):  # the ensemble's probabilities of older weights
-            shutil.rmtree(stale)
-        for problem in schedule_warnings(folder):
-            log(f"warning: {folder.name}: {problem}")
-        solver = _solver_for(folder, gpu)
-        log(f"finetune: {folder.name} ({(folder / 'arch.txt').read_text().strip()})")
-        o = run_caffe(
-            train_argv(caffe.binary, solver, None, gpu), cwd=folder, log_path=folder / "finetune.log", timeout=timeout
-        )
-        if o.returncode != 0 or not o.state.done or not o.state.test_rows:
-            raise FinetuneError(f"finetuning {folder.name} failed: see {folder / 'finetune.log'}")
-        accs = [r["Accuracy1"] for r in o.state.test_rows if math.isfinite(r.get("Accuracy1", math.nan))]
-        last_iter = int(o.state.test_rows[-1]["NumIters"])
-        result: Dict[str, Any] = {
-            "model": folder.name,
-            "arch": (folder / "arch.txt").read_text().strip(),
-            "validation_accuracy": _metadata(folder).get("validation_accuracy"),
-            "test_accuracy": accs[-1],
-            "best_test_accuracy": max(accs),
-            "weights": f"modelsave_iter_{last_iter}.caffemodel",
-            "wall_time": o.wall_time,
-            "solver": protocol,
-        }
-        done.write_text(json.dumps(result, indent=1))
-        log(f"  {format_pair(result)}")
-        results.append(result)
-    return results
+    return [finetune_model(folder, caffe, gpu, timeout, log) for folder in _exported(exp_dir, top)]
+
+
+def finetuned_results(exp_dir: Path) -> List[Dict[str, Any]]:
+    """The finetune results under ``<exp>/export``, by rank (older results get their validation accuracy here)."""
+    out = []
+    for done in sorted((exp_dir / "export").glob("*/finetune.json")):
+        result = dict(json.loads(done.read_text()))
+        if result.get("validation_accuracy") is None:
+            result["validation_accuracy"] = _metadata(done.parent).get("validation_accuracy")
+        out.append(result)
+    return out
 
 
 def drop_of(result: Dict[str, Any]) -> Optional[float]:
@@ -188,16 +218,13 @@ def _prob_net(folder: Path) -> Path:
     return path
 
 
-def ensemble(exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
+def ensemble_of(folders: List[Path], labels: Any, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
+    """Average the test-set softmax outputs of finetuned model folders; score against ``labels``."""
     caffe = find_caffe()
-    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
-        data_dir = experiment_data_dir(store)
-    labels = np.array([load_schema().Datum.FromString(v).label for _, v in iter_lmdb(data_dir / "test.lmdb")])
     n = len(labels)
-    folders = [f for f in _exported(exp_dir, top) if (f / "finetune.json").exists()]
-    if len(folders) < top:
-        raise FinetuneError(f"only {len(folders)} of the top {top} models are finetuned: run `make finetune` first")
-    probs, singles = [], []
+    probs: List[Any] = []
+    singles: List[Dict[str, Any]] = []
+    accs: List[float] = []
     for folder in folders:
         result = json.loads((folder / "finetune.json").read_text())
         out = folder / "test_prob.lmdb"
@@ -220,10 +247,29 @@ def ensemble(exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = prin
         probs.append(p)
         acc = float(np.mean(p.argmax(1) == labels))
         singles.append({"model": folder.name, "test_accuracy": acc})
+        accs.append(acc)
         log(f"{folder.name}: test error {100 * (1 - acc):.2f}%")
     mean = np.mean(probs, axis=0)
     ens = float(np.mean(mean.argmax(1) == labels))
-    log(f"ensemble of {len(folders)}: test error {100 * (1 - ens):.2f}%")
-    summary = {"models": singles, "ensemble_accuracy": ens, "test_images": n}
+    best = max(accs)
+    log(f"ensemble of {len(folders)}: test error {100 * (1 - ens):.2f}% (best single model {100 * (1 - best):.2f}%)")
+    return {"models": singles, "ensemble_accuracy": ens, "best_single_accuracy": best, "test_images": n}
+
+
+def test_labels(exp_dir: Path) -> Any:
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+        data_dir = experiment_data_dir(store)
+    return np.array([load_schema().Datum.FromString(v).label for _, v in iter_lmdb(data_dir / "test.lmdb")])
+
+
+def ensemble(exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
+    labels = test_labels(exp_dir)
+    folders = [f for f in _exported(exp_dir, top) if _finetuned(f)]
+    if len(folders) < top:
+        raise FinetuneError(
+            f"only {len(folders)} of the top {top} models are finetuned with the current protocol: "
+            "run `make finetune` first"
+        )
+    summary = ensemble_of(folders, labels, gpu, log)
     (exp_dir / "export" / "ensemble.json").write_text(json.dumps(summary, indent=1))
     return summary
