@@ -68,7 +68,10 @@ def main() -> None:
         print(f"== {name} {overrides}: {schedule.describe()}", flush=True)
         for problem in schedule_warnings(folders[0]):
             print(f"   schedule problem: {problem}", flush=True)
-        results = [finetune_model(f, caffe, log=lambda _m: None) for f in folders]
+        results = [
+            finetune_model(f, caffe, log=lambda _m: None, search_dir=exp / "models" / f.name.split("model")[-1])
+            for f in folders
+        ]
         ens = ensemble_of(folders, labels, log=lambda _m: None)
         print("\n".join(format_results(results)))
         within = sum((drop_of(r) or 0.0) <= 0.01 + 1e-9 for r in results)
