@@ -41,8 +41,8 @@ def schedules(preset, finetune_overrides=None):
 
 # (preset: iterations per epoch, max_iter, step points, updates at >= 1% of base_lr) of the finetuning.
 PINNED = {
-    # 1,497 // 32 = 46; x0.2 every 10 epochs (460 iterations) over 40 epochs
-    "digits": (46, 1840, [460, 920, 1380], 1380),
+    # 1,497 // 32 = 46; x0.2 every 10 epochs (460 iterations) over 30 epochs
+    "digits": (46, 1380, [460, 920], 1380),
     # 60,000 // 128 = 468; x0.2 every 5 epochs over 40, as published
     "mnist": (468, 18720, [2340, 4680, 7020, 9360, 11700, 14040, 16380], 7020),
     # 604,388 // 128 = 4721; floor(5 * 604388 / 128) = 23608, 7 halvings at epoch 10, 3 at 40: as published
