@@ -229,16 +229,26 @@ def format_results(results: List[Dict[str, Any]]) -> List[str]:
             f"{100 * (1 - r['test_accuracy']):.2f} | {'?' if before is None else f'{100 * before:.2f}'} | "
             f"`{r['arch']}` |"
         )
-    bad = [r["model"] for r in results if flagged(r)]
+    bad = [r for r in results if flagged(r)]
     if bad:
         lines += [
             "",
             f"warning: {len(bad)} of {len(results)} models test more than {100 * DROP_FLAG:g} points below their "
-            f"search validation accuracy ({', '.join(bad)}): check the finetune protocol "
-            "(solvers/<finetune>.toml) and each model's finetune.log before trusting these numbers; "
-            "'search weights, test acc.' is what the search's own weights score on the test set.",
+            f"search validation accuracy ({', '.join(r['model'] for r in bad)}): check the finetune protocol "
+            "(solvers/<finetune>.toml) and each model's finetune.log before trusting these numbers.",
         ]
+        harder = [r["model"] for r in bad if _not_below_search_weights(r)]
+        if harder:
+            lines.append(
+                f"  The search's own weights test no better than the finetuned model ({', '.join(harder)}): "
+                "that gap lies between the validation and the test set, not in the finetuning."
+            )
     return lines
+
+
+def _not_below_search_weights(result: Dict[str, Any]) -> bool:
+    before = result.get("search_weights_test_accuracy")
+    return before is not None and result["test_accuracy"] >= before - 1e-9
 
 
 def _prob_net(folder: Path) -> Path:

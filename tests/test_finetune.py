@@ -138,17 +138,23 @@ def test_drops_of_more_than_two_points_are_flagged():
     ok, edge, bad, unknown = (
         {**result("01_a", 0.9933, 0.9967), "search_weights_test_accuracy": 0.99},
         result("02_b", 0.9933, 0.9733),  # exactly 2 points (6 of 300 images): not flagged
-        result("03_c", 0.9933, 0.9267),  # the 92.67
+        {**result("03_c", 0.9933, 0.9267), "search_weights_test_accuracy": 0.9467},  # the 92.67
         result("04_d", None, 0.9),
     )
     assert [flagged(r) for r in (ok, edge, bad, unknown)] == [False, False, True, False]
     lines = format_results([ok, edge, bad, unknown])
     assert lines[2].startswith("| 01_a | 99.33 | 99.67 | +0.34 | 0.33 | 99.00 |")
     assert lines[3].startswith("| 02_b | 99.33 | 97.33 | -2.00 | 2.67 | ? |")
-    assert lines[4].startswith("| 03_c | 99.33 | 92.67 | -6.66 **DROP** | 7.33 |")
+    assert lines[4].startswith("| 03_c | 99.33 | 92.67 | -6.66 **DROP** | 7.33 | 94.67 |")
     assert lines[5].startswith("| 04_d | ? | 90.00 | ? | 10.00 |")
     assert lines[-1].startswith("warning: 1 of 4 models test more than 2 points below") and "03_c" in lines[-1]
     assert not any(ln.startswith("warning") for ln in format_results([ok, edge]))
+    # a drop that the search's own weights show on the test set too is told apart from the finetuning
+    harder = {**result("05_e", 0.9933, 0.9633), "search_weights_test_accuracy": 0.9467}
+    lines = format_results([bad, harder])
+    assert lines[-2].startswith("warning: 2 of 2 models") and lines[-1].startswith(
+        "  The search's own weights test no better than the finetuned model (05_e): that gap lies between"
+    )
 
 
 def test_report_shows_finetuned_beside_validation(tmp_path):
