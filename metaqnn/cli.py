@@ -284,12 +284,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from metaqnn.finetune import finetune
+    from metaqnn.finetune import finetune, format_results
 
     results = finetune(_exp_dir(args, "digits"), args.top, gpu=args.gpu, timeout=args.timeout)
-    print("| model | test error (%) | architecture |\n|---|---:|---|")
-    for r in results:
-        print(f"| {r['model']} | {100 * (1 - r['test_accuracy']):.2f} | `{r['arch']}` |")
+    print("\n".join(format_results(results)))
     return 0
 
 

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from metaqnn.finetune import finetuned_results, format_results
 from metaqnn.search import STORE_NAME, experiment_config, format_summary, summary
 from qagent.arch import parse_architecture
 from qagent.errors import StoreError
@@ -202,5 +203,24 @@ def write_report(exp_dir: Path, out: Path) -> Path:
             ],
         ]
         page = out / "report.md"
-        page.write_text("\n".join(lines) + "\n")
+        page.write_text("\n".join(lines + finetune_section(exp_dir)) + "\n")
     return page
+
+
+def finetune_section(exp_dir: Path) -> List[str]:
+    """Finetuned test accuracy beside search validation accuracy (drops flagged), and the ensemble."""
+    results = finetuned_results(exp_dir)
+    if not results:
+        return []
+    lines = ["", "## Finetuned top models (test set)", "", *format_results(results)]
+    ens_path = exp_dir / "export" / "ensemble.json"
+    if ens_path.exists():
+        ens = json.loads(ens_path.read_text())
+        best = max(m["test_accuracy"] for m in ens["models"])
+        lines += [
+            "",
+            f"Ensemble of {len(ens['models'])} ({', '.join(m['model'] for m in ens['models'])}): test accuracy "
+            f"{100 * ens['ensemble_accuracy']:.2f}% (best member {100 * best:.2f}%)"
+            + ("" if ens["ensemble_accuracy"] >= best else " -- below its best member"),
+        ]
+    return lines

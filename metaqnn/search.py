@@ -138,18 +138,24 @@ class Progress:
         self.refresh()
 
     def refresh(self) -> None:
+        self._status = self._line()
+
+    def _line(self, epsilon: Optional[float] = None) -> str:
+        """The status at ``epsilon`` (default: the epsilon models are now drawn at; the last one when complete)."""
         done = sum(self.agent.trained_per_epsilon.values())
         total = self.agent.schedule.total
-        eps = self.agent.epsilon
-        here = self.store.rewards_at(eps) if eps is not None else []
+        eps = self.agent.epsilon if epsilon is None else epsilon
+        eps = self.agent.schedule.steps[-1][0] if eps is None else eps
+        here = self.store.rewards_at(eps)
         stats = f"best {max(here):.4f} mean {sum(here) / len(here):.4f}" if here else "no models yet"
         eta = ""
-        if self.times:
+        if done >= total:
+            eta = " | done"
+        elif self.times:
             recent = self.times[-20:]
             per_model = sum(recent) / len(recent) / max(1, len(self.agent.in_flight))  # N train at once
             eta = f" | ETA {_hms(per_model * max(0, total - done))}"
-        eps_text = "done" if eps is None else f"{eps:g}"
-        self._status = f"[{done}/{total}] eps {eps_text} ({stats}){eta}"
+        return f"[{done}/{total}] eps {eps:g} ({stats}){eta}"
 
     def trainer(self, job: TrainJob) -> TrainResult:
         """Train locally, showing the epochs of this model on the live line."""
@@ -165,14 +171,16 @@ class Progress:
                 sys.stdout.write("\r\033[K" + self._status + (f" | {current}" if current else ""))
                 sys.stdout.flush()
 
-    def event(self, message: str) -> None:
+    def event(self, message: str, epsilon: Optional[float] = None) -> None:
+        """Log an event about a model drawn at ``epsilon``: its line shows that epsilon's statistics,
+        not those of the next epsilon the commit may have moved the agent on to."""
         self.refresh()
         with self._lock:
             if self.tty:
                 sys.stdout.write("\r\033[K")
                 self.log(message)
             else:
-                self.log(f"{self._status} | {message}")
+                self.log(f"{self._line(epsilon)} | {message}")
 
 
 def _hms(seconds: float) -> str:
@@ -309,7 +317,7 @@ def search_loop(
         if result.status == ModelStatus.OOM:
             agent.skip(p.arch)
             store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message)
-            progress.event(f"#{model_id} out of memory, skipped: {p.arch}")
+            progress.event(f"#{model_id} out of memory, skipped: {p.arch}", p.epsilon)
             if breaker is not None:
                 breaker.observe(model_id, result.status, result.failure, result.message)
             return
@@ -321,7 +329,8 @@ def search_loop(
             f"acc {reward:.4f}" if result.status == ModelStatus.DONE else f"FAILED ({result.failure}: {result.message})"
         )
         progress.event(
-            f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}"
+            f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}",
+            p.epsilon,
         )
         if breaker is not None:
             breaker.observe(model_id, result.status, result.failure, result.message)

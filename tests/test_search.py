@@ -86,8 +86,10 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
     assert ens.returncode == 0, ens.stdout + ens.stderr
     summary = json.loads((exp / "export" / "ensemble.json").read_text())
     for single in summary["models"]:  # extract_features' probabilities agree with caffe's own test accuracy
-        caffe_acc = json.loads((exp / "export" / single["model"] / "finetune.json").read_text())["test_accuracy"]
-        assert abs(single["test_accuracy"] - caffe_acc) < 1e-6
+        tuned_json = json.loads((exp / "export" / single["model"] / "finetune.json").read_text())
+        assert abs(single["test_accuracy"] - tuned_json["test_accuracy"]) < 1e-6
+        # issue 15: the search's own weights tested on the test set, beside its validation accuracy
+        assert 0.1 < tuned_json["search_weights_test_accuracy"] <= 1.0 and tuned_json["validation_accuracy"] > 0.15
     assert summary["test_images"] == 300 and 0.5 < summary["ensemble_accuracy"] <= 1.0
 
 
