@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.config import parse_override
+from metaqnn.experiment import STORE_NAME, experiment_data_dir
 from metaqnn.export import export_top, finetune_solver_text
 from metaqnn.finetune import (
     drop_of,
@@ -29,7 +30,6 @@ from metaqnn.finetune import (
     solver_schedule,
     test_labels,
 )
-from metaqnn.search import STORE_NAME, experiment_data_dir
 from qagent.store import ExperimentStore
 
 

@@ -72,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _exp_dir(args: argparse.Namespace, default: str) -> Path:
-    from metaqnn.search import default_exp_dir
+    from metaqnn.experiment import default_exp_dir
 
     if args.exp and ("/" in args.exp or args.exp.startswith(".")):
         return Path(args.exp).resolve()
@@ -117,7 +117,8 @@ def _stall(args: argparse.Namespace) -> "Optional[Stall]":
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from metaqnn.search import SearchOptions, default_data_dir, format_summary, run_search
+    from metaqnn.experiment import default_data_dir
+    from metaqnn.search import SearchOptions, format_summary, run_search
     from qagent.errors import ConfigError
 
     if args.trainings_per_gpu > 1 and args.gpu is None and args.gpus is None:
@@ -144,7 +145,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from metaqnn.search import STORE_NAME, experiment_config, format_summary, summary
+    from metaqnn.experiment import STORE_NAME, experiment_config
+    from metaqnn.search import format_summary, summary
     from qagent.store import ExperimentStore
 
     exp = _exp_dir(args, "digits")
@@ -166,7 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_prep.prepare import prepare
-    from metaqnn.search import default_data_dir, prep_options, source_or_default
+    from metaqnn.experiment import default_data_dir, source_or_default
+    from metaqnn.search import prep_options
 
     config = _build_config(args)
     out = Path(args.data_dir).resolve() if args.data_dir else default_data_dir(config)
@@ -179,7 +182,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     from data_prep.download import download
-    from metaqnn.search import default_source_dir
+    from metaqnn.experiment import default_source_dir
 
     dest = Path(args.dest) if args.dest else default_source_dir(_build_config(args))
     print(f"downloaded to {download(args.dataset, dest)}")

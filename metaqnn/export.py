@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from data_prep.prepare import read_manifest
 from metaqnn.config import Config
+from metaqnn.experiment import STORE_NAME, default_data_dir, experiment_config, experiment_data_dir, model_dir
 from metaqnn.netspec import build_net
 from metaqnn.render import render_net, render_solver
-from metaqnn.search import STORE_NAME, default_data_dir, experiment_config, experiment_data_dir
 from metaqnn.solverspec import Protocol, solver_fields
 from metaqnn.weights import caffemodel_to_hdf5
 from qagent.arch import Layer, parse_architecture
@@ -172,10 +172,10 @@ def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
     if not models:
         raise ConfigError(f"experiment {exp_dir} has no trained model to export yet")
     with writing_into(out, "export folder"):
-        return _export(config, models, data_dir, out, exp_dir / "models")
+        return _export(config, models, data_dir, out, exp_dir)
 
 
-def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, model_dirs: Path) -> List[str]:
+def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, exp_dir: Path) -> List[str]:
     rows = []
     for rank, m in enumerate(models, 1):
         folder = out / f"{rank:02d}_model{m.id:05d}"
@@ -191,7 +191,7 @@ def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, m
             "dataset": config.name,
         }
         render_model(config, m.arch, folder, data_dir, lr=m.metrics.get("learning_rate"), metadata=meta, off_space=True)
-        export_weights(model_dirs / f"{m.id:05d}", m.metrics.get("best_iteration"), folder)
+        export_weights(model_dir(exp_dir, m.id), m.metrics.get("best_iteration"), folder)
         params = json.loads((folder / "metadata.json").read_text())["param_count"]
         rows.append(
             {

@@ -27,9 +27,9 @@ from metaqnn.caffe.gpu import ensure_gpu_ready
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.caffe.schema import load_schema
+from metaqnn.experiment import STORE_NAME, experiment_data_dir, model_dir
 from metaqnn.export import export_top
 from metaqnn.lrschedule import RateSchedule, finetune_problems
-from metaqnn.search import STORE_NAME, experiment_data_dir
 from qagent.errors import MetaQNNError
 from qagent.store import ExperimentStore
 
@@ -182,7 +182,7 @@ def finetune(
     if gpu is not None:
         ensure_gpu_ready(caffe)
     return [
-        finetune_model(folder, caffe, gpu, timeout, log, exp_dir / "models" / f"{_metadata(folder)['model_id']:05d}")
+        finetune_model(folder, caffe, gpu, timeout, log, model_dir(exp_dir, _metadata(folder)["model_id"]))
         for folder in _exported(exp_dir, top)
     ]
 
@@ -254,6 +254,16 @@ def _not_below_search_weights(result: Dict[str, Any]) -> bool:
     return before is not None and result["test_accuracy"] >= before - 1e-9
 
 
+def _test_batch(net_path: Path) -> int:
+    """The TEST data layer's batch size: extract_features runs that many images per batch."""
+    net = load_schema().NetParameter()
+    text_format.Parse(net_path.read_text(), net)
+    for layer in net.layer:
+        if layer.type == "Data" and any(rule.phase == 1 for rule in layer.include):  # phase 1 = TEST
+            return int(layer.data_param.batch_size)
+    raise FinetuneError(f"{net_path} has no TEST data layer")
+
+
 def _prob_net(folder: Path) -> Path:
     """The finetune net with a Softmax on the classifier, as extract_features' network."""
     pb = load_schema()
@@ -282,11 +292,12 @@ def ensemble_of(folders: List[Path], labels: Any, gpu: Optional[int] = None, log
         result = json.loads((folder / "finetune.json").read_text())
         out = folder / "test_prob.lmdb"
         if not out.exists():
-            batches = -(-n // 100)
+            net = _prob_net(folder)
+            batches = -(-n // _test_batch(net))  # whole batches covering the test set; the rest is cut below
             argv = [
                 str(caffe.tool("extract_features")),
                 result["weights"],
-                str(_prob_net(folder)),
+                str(net),
                 "prob",
                 str(out.name),
                 str(batches),

@@ -18,7 +18,7 @@ from typing import Optional
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.failures import InfrastructureError
 from metaqnn.netspec import Transform, build_net
-from metaqnn.render import render_net, render_solver
+from metaqnn.render import write_training_files
 from qagent.arch import Softmax
 
 PREFLIGHT_TIMEOUT = 300.0
@@ -71,7 +71,6 @@ def check_caffe_trains(
     )
     work = Path(tempfile.mkdtemp(prefix="metaqnn-preflight-"))
     try:
-        (work / "net.prototxt").write_text(render_net(spec))
         solver = [
             ("net", "net.prototxt"),
             ("test_iter", 1),
@@ -83,7 +82,7 @@ def check_caffe_trains(
             ("snapshot_after_train", False),
             ("solver_mode", "CPU" if gpu is None else "GPU"),
         ]
-        (work / "solver.prototxt").write_text(render_solver(solver))
+        write_training_files(work, spec, solver)
         outcome = run_caffe(
             train_argv(binary, Path("solver.prototxt"), None, gpu),
             cwd=work,

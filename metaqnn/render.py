@@ -7,7 +7,8 @@ learning rate of 1e-05 is never truncated by ``%f``), bools as true/false.
 
 import json
 from functools import lru_cache
-from typing import Any, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Optional, Sequence, Tuple
 
 import jinja2
 
@@ -61,3 +62,30 @@ def render_net(spec: NetSpec) -> str:
 
 def render_solver(fields: Sequence[Tuple[str, Any]]) -> str:
     return _env().get_template("solver.prototxt.j2").render(fields=list(fields))
+
+
+def write_training_files(
+    folder: Path,
+    spec: Optional[NetSpec],
+    solver: Sequence[Tuple[str, Any]],
+    net_name: str = "net.prototxt",
+    solver_name: str = "solver.prototxt",
+) -> Path:
+    """Render a net (unless ``spec`` is None: the net is there already) and its solver into ``folder``.
+
+    Returns the solver's path.
+    The one place that turns typed specs into the files ``caffe train`` reads: the trainer, the
+    Caffe preflight, the fixtures and the tests all go through it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec is not None:
+        write_net(folder / net_name, spec)
+    path = folder / solver_name
+    path.write_text(render_solver(solver))
+    return path
+
+
+def write_net(path: Path, spec: NetSpec) -> Path:
+    Path(path).write_text(render_net(spec))
+    return Path(path)

@@ -18,8 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from metaqnn.experiment import STORE_NAME, experiment_config
 from metaqnn.finetune import finetuned_results, format_results
-from metaqnn.search import STORE_NAME, experiment_config, format_summary, summary
+from metaqnn.search import format_summary, summary
 from qagent.arch import parse_architecture
 from qagent.errors import StoreError
 from qagent.outdir import writing_into

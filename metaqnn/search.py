@@ -23,8 +23,13 @@ from metaqnn.caffe.gpu import ensure_gpu_ready
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.caffe.schema import load_schema
-from metaqnn.config import PROJECT_ROOT, Config, stored_config, upgrade_record
+from metaqnn.config import Config, upgrade_record
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
+from metaqnn.experiment import (
+    STORE_NAME,
+    model_dir,
+    source_or_default,
+)
 from metaqnn.failures import CircuitBreaker, InfrastructureError, is_disk_full
 from metaqnn.preflight import check_caffe_runs, check_caffe_trains
 from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
@@ -33,8 +38,6 @@ from qagent.arch import parse_architecture
 from qagent.errors import MetaQNNError
 from qagent.status import TRAINED, ModelStatus
 from qagent.store import ExperimentStore
-
-STORE_NAME = "store.sqlite"
 
 
 @dataclass
@@ -61,35 +64,6 @@ class SearchOptions:
         self.data_dir = Path(self.data_dir).resolve()
         if self.source is not None:
             self.source = Path(self.source).resolve()
-
-
-def default_data_dir(config: Config) -> Path:
-    return PROJECT_ROOT / "data" / config.name
-
-
-def default_source_dir(config: Config) -> Path:
-    """Where `metaqnn download` puts a dataset's release files."""
-    return default_data_dir(config) / "source"
-
-
-def source_or_default(config: Config) -> Optional[Path]:
-    d = default_source_dir(config)
-    return d if d.is_dir() else None
-
-
-def default_exp_dir(name: str) -> Path:
-    return PROJECT_ROOT / "experiments" / name
-
-
-def experiment_data_dir(store: ExperimentStore) -> Path:
-    """The data folder the experiment was searched with (export, finetune and ensemble use it too)."""
-    recorded = store.meta().get("data_dir")
-    return Path(recorded) if recorded else default_data_dir(experiment_config(store))
-
-
-def experiment_config(store: ExperimentStore) -> Config:
-    """The typed config an experiment was created with."""
-    return stored_config(store.config())
 
 
 def prep_options(config: Config) -> PrepOptions:
@@ -238,7 +212,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
         def make_job(p: Proposal, model_id: int) -> TrainJob:
             return TrainJob(
                 layers=p.layers,
-                model_dir=options.exp_dir / "models" / f"{model_id:05d}",
+                model_dir=model_dir(options.exp_dir, model_id),
                 caffe=caffe.binary,
                 train_lmdb=data_dir / sets["train"]["path"],
                 val_lmdb=data_dir / sets["val"]["path"],
@@ -301,60 +275,57 @@ def search_loop(
     is sampled while a copy of it is training is not sent out again: the sample waits for that
     result and then counts as a duplicate.  Returns the number of models sent out.
     """
-    launched: Dict[str, Tuple[Proposal, int]] = {}
-    waiting: Dict[str, List[Proposal]] = {}
-    sent = 0
+    return _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker).run()
 
-    def launch(p: Proposal, model_id: int) -> None:
-        agent.launch(p)
-        launched[p.arch] = (p, model_id)
-        progress.show(f"#{model_id} {p.arch}")
-        executor.submit(p.arch, make_job(p, model_id))
 
-    def commit(p: Proposal, result: TrainResult, model_id: int) -> None:
-        faults.point("commit")
-        metrics = result.metrics()
-        if result.status == ModelStatus.OOM:
-            agent.skip(p.arch)
-            store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message)
-            progress.event(f"#{model_id} out of memory, skipped: {p.arch}", p.epsilon)
-            if breaker is not None:
-                breaker.observe(model_id, result.status, result.failure, result.message)
-            return
-        reward = result.best_accuracy if result.status == ModelStatus.DONE else agent.failure_reward
-        assert reward is not None
-        agent.observe(p.arch, p.encoded, reward, p.epsilon)
-        store.record_result(agent, p, result.status, reward, metrics, result.message or None)
-        what = (
-            f"acc {reward:.4f}" if result.status == ModelStatus.DONE else f"FAILED ({result.failure}: {result.message})"
-        )
-        progress.event(
-            f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}",
-            p.epsilon,
-        )
-        if breaker is not None:
-            breaker.observe(model_id, result.status, result.failure, result.message)
+class _SearchLoop:
+    """The steps of :func:`search_loop`: resume, fill the slots, wait, commit, answer waiting samples."""
 
-    def answer_waiting(arch: str) -> None:
-        for dup in waiting.pop(arch, []):
-            if arch in agent.rewards:
-                agent.observe(arch, dup.encoded, agent.rewards[arch], dup.epsilon)
-                store.record_result(agent, dup, ModelStatus.DUPLICATE, agent.rewards[arch])
-            else:
-                agent.skip(arch)
-                store.record_result(
-                    agent, dup, ModelStatus.OOM, None, None, "re-sampled a model that ran out of memory"
-                )
+    OOM_AGAIN = "re-sampled a model that ran out of memory"
 
-    for row in store.running():  # models that were in flight when the search stopped
-        progress.event(f"#{row.id} resuming {row.arch}")
-        launch(Proposal(row.arch, parse_architecture(row.arch), row.epsilon, agent.encode(row.arch), None), row.id)
-        sent += 1
-    while True:
+    def __init__(
+        self,
+        agent: Agent,
+        store: ExperimentStore,
+        executor: Any,
+        make_job: Callable[[Proposal, int], Any],
+        progress: "Progress",
+        max_models: Optional[int],
+        breaker: Optional[CircuitBreaker],
+    ) -> None:
+        self.agent, self.store, self.executor, self.make_job = agent, store, executor, make_job
+        self.progress, self.max_models, self.breaker = progress, max_models, breaker
+        self.launched: Dict[str, Tuple[Proposal, int]] = {}  # arch -> (its proposal, its model id)
+        self.waiting: Dict[str, List[Proposal]] = {}  # arch in flight -> later samples of it
+        self.sent = 0
+
+    def run(self) -> int:
+        self.resume_running()
+        while True:
+            self.fill_slots()
+            if not self.launched:
+                return self.sent
+            for arch, outcome in self.executor.wait_any():
+                p, model_id = self.launched.pop(arch)
+                if isinstance(outcome, BaseException):
+                    raise as_infrastructure(outcome, model_id)  # the model stays "running": retried on resume
+                self.commit(p, outcome, model_id)
+                self.answer_waiting(arch)
+
+    def resume_running(self) -> None:
+        """Models that were in flight when the search stopped go out again first, under their own ids."""
+        for row in self.store.running():
+            self.progress.event(f"#{row.id} resuming {row.arch}")
+            encoded = self.agent.encode(row.arch)
+            self.launch(Proposal(row.arch, parse_architecture(row.arch), row.epsilon, encoded, None), row.id)
+
+    def fill_slots(self) -> None:
+        """Sample until every slot is busy, the schedule is done, or a sample must wait for its twin."""
+        agent, store = self.agent, self.store
         while (
-            len(agent.in_flight) < executor.slots
+            len(agent.in_flight) < self.executor.slots
             and agent.epsilon is not None
-            and (max_models is None or sent < max_models)
+            and (self.max_models is None or self.sent < self.max_models)
         ):
             p = agent.propose()
             if p.known_reward is not None:
@@ -362,21 +333,52 @@ def search_loop(
                 store.record_result(agent, p, ModelStatus.DUPLICATE, p.known_reward)
             elif p.arch in agent.skipped:
                 agent.skip(p.arch)
-                store.record_result(agent, p, ModelStatus.OOM, None, None, "re-sampled a model that ran out of memory")
+                store.record_result(agent, p, ModelStatus.OOM, None, None, self.OOM_AGAIN)
             elif p.arch in agent.in_flight:
-                waiting.setdefault(p.arch, []).append(p)
-                break  # wait for that result instead of sending the same net out twice
+                self.waiting.setdefault(p.arch, []).append(p)
+                return  # wait for that result instead of sending the same net out twice
             else:
-                launch(p, store.begin_model(agent, p))
-                sent += 1
-        if not launched:
-            return sent
-        for arch, outcome in executor.wait_any():
-            p, model_id = launched.pop(arch)
-            if isinstance(outcome, BaseException):
-                raise as_infrastructure(outcome, model_id)  # the model stays "running": retried on resume
-            commit(p, outcome, model_id)
-            answer_waiting(arch)
+                self.launch(p, store.begin_model(agent, p))
+
+    def launch(self, p: Proposal, model_id: int) -> None:
+        self.agent.launch(p)
+        self.launched[p.arch] = (p, model_id)
+        self.sent += 1
+        self.progress.show(f"#{model_id} {p.arch}")
+        self.executor.submit(p.arch, self.make_job(p, model_id))
+
+    def commit(self, p: Proposal, result: TrainResult, model_id: int) -> None:
+        """One result and the agent's replays, in one transaction; then the circuit breaker sees it."""
+        faults.point("commit")
+        agent, metrics = self.agent, result.metrics()
+        if result.status == ModelStatus.OOM:
+            agent.skip(p.arch)
+            self.store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message)
+            self.progress.event(f"#{model_id} out of memory, skipped: {p.arch}", p.epsilon)
+        else:
+            reward = result.best_accuracy if result.status == ModelStatus.DONE else agent.failure_reward
+            assert reward is not None
+            agent.observe(p.arch, p.encoded, reward, p.epsilon)
+            self.store.record_result(agent, p, result.status, reward, metrics, result.message or None)
+            done = result.status == ModelStatus.DONE
+            what = f"acc {reward:.4f}" if done else f"FAILED ({result.failure}: {result.message})"
+            self.progress.event(
+                f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}",
+                p.epsilon,
+            )
+        if self.breaker is not None:
+            self.breaker.observe(model_id, result.status, result.failure, result.message)
+
+    def answer_waiting(self, arch: str) -> None:
+        """Samples that waited for ``arch`` become duplicates of its result (or skips, out of memory)."""
+        agent = self.agent
+        for dup in self.waiting.pop(arch, []):
+            if arch in agent.rewards:
+                agent.observe(arch, dup.encoded, agent.rewards[arch], dup.epsilon)
+                self.store.record_result(agent, dup, ModelStatus.DUPLICATE, agent.rewards[arch])
+            else:
+                agent.skip(arch)
+                self.store.record_result(agent, dup, ModelStatus.OOM, None, None, self.OOM_AGAIN)
 
 
 def as_infrastructure(exc: BaseException, model_id: int) -> BaseException:

@@ -36,7 +36,7 @@ from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_ru
 from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
 from metaqnn.failures import FailureKind, InfrastructureError, infrastructure_reason
 from metaqnn.netspec import Transform, build_net
-from metaqnn.render import render_net, render_solver
+from metaqnn.render import write_net, write_training_files
 from metaqnn.solverspec import Protocol, solver_fields
 from qagent.arch import Layer, format_architecture
 from qagent.status import ModelStatus
@@ -308,9 +308,7 @@ class Trainer:
             whole_test_set=True,
             max_epochs=epochs,
         )
-        path = self.dir / name
-        path.write_text(render_solver(fields))
-        return path
+        return write_training_files(self.dir, None, fields, solver_name=name)
 
     def _check_data(self) -> None:
         for p in (self.job.train_lmdb, self.job.val_lmdb):
@@ -455,7 +453,7 @@ class Trainer:
             train_batch=job.protocol.train_batch,
             test_batch=job.protocol.test_batch,
         )
-        (self.dir / "net.prototxt").write_text(render_net(spec))
+        write_net(self.dir / "net.prototxt", spec)
         result = self._protocol()
         result.param_count = spec.param_count
         result.caffe_seed = job.seed

@@ -10,7 +10,7 @@ from data_prep.lmdb_writer import write_lmdb
 from metaqnn.caffe import schema
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.netspec import Transform, build_net
-from metaqnn.render import render_net, render_solver
+from metaqnn.render import write_training_files
 from metaqnn.solverspec import load_protocol, solver_fields
 from qagent.arch import parse_architecture
 
@@ -75,10 +75,9 @@ def test_real_caffe_train_on_a_tiny_lmdb(caffe, tmp_path):
         transform=Transform(scale=1 / 256),
         train_batch=32,
     )
-    (tmp_path / "net.prototxt").write_text(render_net(spec))
     proto = load_protocol("search_digits").with_overrides(display=1, test_initialization=True)
     fields = solver_fields(proto, net="net.prototxt", train_size=256, test_size=100, whole_test_set=True, max_epochs=10)
-    (tmp_path / "solver.prototxt").write_text(render_solver(fields))
+    write_training_files(tmp_path, spec, fields)
     (tmp_path / "snapshots").mkdir()
     outcome = run_caffe(
         train_argv(caffe.binary, tmp_path / "solver.prototxt"),

@@ -14,7 +14,7 @@ from metaqnn.export import dataset_sizes
 from metaqnn.finetune import DROP_FLAG, flagged, format_results
 from metaqnn.lrschedule import FINAL_FLOOR, MEANINGFUL, RateSchedule, finetune_problems
 from metaqnn.netspec import Transform, build_net
-from metaqnn.render import render_net, render_solver
+from metaqnn.render import write_training_files
 from metaqnn.report import finetune_section
 from metaqnn.search import Progress, search_loop
 from metaqnn.solverspec import Protocol, solver_fields
@@ -105,7 +105,6 @@ def test_rate_per_iteration_is_caffes(caffe, digits_data, tmp_path, policy):
         transform=Transform(scale=1 / 256),
         train_batch=32,
     )
-    (tmp_path / "net.prototxt").write_text(render_net(spec))
     proto = Protocol(
         name="t",
         type="Adam",
@@ -120,7 +119,7 @@ def test_rate_per_iteration_is_caffes(caffe, digits_data, tmp_path, policy):
     )
     fields = solver_fields(proto, net="net.prototxt", train_size=96, test_size=100, whole_test_set=True)
     fields = [(k, "model" if k == "snapshot_prefix" else v) for k, v in fields]
-    (tmp_path / "solver.prototxt").write_text(render_solver(fields))
+    write_training_files(tmp_path, spec, fields)
     o = run_caffe(train_argv(caffe.binary, tmp_path / "solver.prototxt"), cwd=tmp_path, log_path=tmp_path / "log")
     assert o.returncode == 0 and o.state.done, (tmp_path / "log").read_text()[-2000:]
     logged = {int(i): float(lr) for i, lr in re.findall(r"Iteration (\d+), lr = (\S+)", (tmp_path / "log").read_text())}

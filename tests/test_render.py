@@ -14,7 +14,7 @@ from metaqnn.config import build_config
 from metaqnn.dropout import authors_dropout, authors_dropout_count, authors_states
 from metaqnn.export import finetune_solver_text, net_spec, render_model
 from metaqnn.netspec import Transform, build_net, dropout_ratios
-from metaqnn.render import pb_value, render_net, render_solver
+from metaqnn.render import pb_value, render_net, render_solver, write_training_files
 from metaqnn.solverspec import load_protocol, solver_fields
 from qagent.arch import FC, Conv, Pool, Softmax, parse_architecture
 from qagent.errors import ConfigError
@@ -214,12 +214,11 @@ def test_parameter_count_equals_caffes_and_rendered_nets_train(caffe, digits_dat
         )
         d = tmp_path / str(abs(hash(text)))
         (d / "snapshots").mkdir(parents=True)
-        (d / "net.prototxt").write_text(render_net(spec))
         proto = load_protocol("search_digits")
         fields = solver_fields(
             proto, net="net.prototxt", train_size=1197, test_size=300, whole_test_set=True, max_epochs=1
         )
-        (d / "solver.prototxt").write_text(render_solver(fields))
+        write_training_files(d, spec, fields)
         o = run_caffe(train_argv(caffe.binary, d / "solver.prototxt"), cwd=d, log_path=d / "log", timeout=120)
         assert o.returncode == 0 and o.state.done, (d / "log").read_text()[-2000:]
         assert _caffemodel_params(d / "snapshots" / "model_iter_37.caffemodel") == spec.param_count

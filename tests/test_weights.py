@@ -4,7 +4,7 @@ import numpy as np
 
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.netspec import Transform, build_net
-from metaqnn.render import render_net, render_solver
+from metaqnn.render import write_training_files
 from metaqnn.solverspec import load_protocol, solver_fields
 from metaqnn.weights import caffemodel_to_hdf5, read_caffemodel, read_hdf5
 from qagent.arch import parse_architecture
@@ -24,14 +24,13 @@ def _train(caffe, folder, data, manifest, snapshot_format):
         transform=Transform(scale=1 / 256),
         train_batch=32,
     )
-    (folder / "net.prototxt").write_text(render_net(spec))
     proto = load_protocol("search_digits").with_overrides(random_seed=7)
     fields = solver_fields(
         proto, net="net.prototxt", train_size=64, test_size=manifest["sets"]["val"]["count"], whole_test_set=True
     )
     fields = [(k, 2 if k in ("max_iter", "snapshot") else v) for k, v in fields]
     fields.append(("snapshot_format", snapshot_format))
-    (folder / "solver.prototxt").write_text(render_solver(fields))
+    write_training_files(folder, spec, fields)
     out = run_caffe(
         train_argv(caffe.binary, folder / "solver.prototxt"), cwd=folder, log_path=folder / "log", timeout=300
     )

@@ -1,0 +1,52 @@
+"""An experiment's places and names: its folder, its store, its model folders, its data.
+
+Every command that reads or writes an experiment (search, status, export, finetune, ensemble,
+report) finds these here, so none of them imports the search loop just to learn a path.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+from metaqnn.config import PROJECT_ROOT, Config, stored_config
+from qagent.store import ExperimentStore
+
+STORE_NAME = "store.sqlite"
+MODELS = "models"
+
+
+def default_exp_dir(name: str) -> Path:
+    return PROJECT_ROOT / "experiments" / name
+
+
+def store_path(exp_dir: Path) -> Path:
+    return Path(exp_dir) / STORE_NAME
+
+
+def model_dir(exp_dir: Path, model_id: int) -> Path:
+    """A model's folder: its prototxt, caffe logs, CSV curves, result.json and best weights."""
+    return Path(exp_dir) / MODELS / f"{int(model_id):05d}"
+
+
+def default_data_dir(config: Config) -> Path:
+    return PROJECT_ROOT / "data" / config.name
+
+
+def default_source_dir(config: Config) -> Path:
+    """Where `metaqnn download` puts a dataset's release files."""
+    return default_data_dir(config) / "source"
+
+
+def source_or_default(config: Config) -> Optional[Path]:
+    d = default_source_dir(config)
+    return d if d.is_dir() else None
+
+
+def experiment_config(store: ExperimentStore) -> Config:
+    """The typed config an experiment was created with."""
+    return stored_config(store.config())
+
+
+def experiment_data_dir(store: ExperimentStore) -> Path:
+    """The data folder the experiment was searched with (export, finetune and ensemble use it too)."""
+    recorded = store.meta().get("data_dir")
+    return Path(recorded) if recorded else default_data_dir(experiment_config(store))
