@@ -214,8 +214,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     config = _build_config(args)
     out = Path(args.out)
     if args.data_dir:  # sizes and shapes from prepared data: it must be there, and fit the config
-        from data_prep.integrity import check_manifest_matches
         from data_prep.prepare import read_manifest
+        from metaqnn.search import check_data_fits
         from qagent.errors import ConfigError
 
         manifest = read_manifest(Path(args.data_dir))
@@ -224,14 +224,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                 f"--data-dir {args.data_dir} holds no prepared data (no manifest.json): "
                 "prepare it, or leave --data-dir out to use the release sizes"
             )
-        check_manifest_matches(
-            manifest,
-            config.space.image_size,
-            config.dataset.channels,
-            config.space.num_classes,
-            crop_size=config.render.crop_size,
-            where=Path(args.data_dir),
-        )
+        check_data_fits(config, manifest, Path(args.data_dir))
     files = render_model(
         config,
         args.arch,

@@ -73,6 +73,18 @@ def prep_options(config: Config) -> PrepOptions:
     )
 
 
+def check_data_fits(config: Config, manifest: Dict[str, Any], where: Path) -> None:
+    """The prepared images must have the config's size (or crop), channels and classes."""
+    check_manifest_matches(
+        manifest,
+        config.space.image_size,
+        config.dataset.channels,
+        config.space.num_classes,
+        crop_size=config.render.crop_size,
+        where=where,
+    )
+
+
 def ensure_data(config: Config, data_dir: Path, source: Optional[Path], log: Callable[[str], None]) -> Dict[str, Any]:
     """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them.
 
@@ -82,14 +94,7 @@ def ensure_data(config: Config, data_dir: Path, source: Optional[Path], log: Cal
     manifest = prepare(
         prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg), repair=False
     )
-    check_manifest_matches(
-        manifest,
-        config.space.image_size,
-        config.dataset.channels,
-        config.space.num_classes,
-        crop_size=config.render.crop_size,
-        where=data_dir,
-    )
+    check_data_fits(config, manifest, data_dir)
     for name in ("train", "val"):
         quick_check_lmdb(data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
     return manifest

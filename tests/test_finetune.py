@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import synthetic
+from digits import digits_net
 
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.config import build_config, preset_names
@@ -13,13 +14,11 @@ from metaqnn.executors import InlineExecutor
 from metaqnn.export import dataset_sizes
 from metaqnn.finetune import DROP_FLAG, flagged, format_results
 from metaqnn.lrschedule import FINAL_FLOOR, MEANINGFUL, RateSchedule, finetune_problems
-from metaqnn.netspec import Transform, build_net
 from metaqnn.render import write_training_files
 from metaqnn.report import finetune_section
 from metaqnn.search import Progress, search_loop
 from metaqnn.solverspec import Protocol, solver_fields
 from qagent.agent import Agent
-from qagent.arch import parse_architecture
 from qagent.store import ExperimentStore
 
 
@@ -95,16 +94,7 @@ def test_the_old_digits_protocol_is_caught():
 def test_rate_per_iteration_is_caffes(caffe, digits_data, tmp_path, policy):
     """Caffe's own logged ``lr`` at every iteration equals RateSchedule.rate of the rendered fields."""
     data, _ = digits_data
-    spec = build_net(
-        parse_architecture("[C(8,3,1), SM(10)]"),
-        image_size=8,
-        channels=1,
-        num_classes=10,
-        train_source=str(data / "train.lmdb"),
-        test_source=str(data / "val.lmdb"),
-        transform=Transform(scale=1 / 256),
-        train_batch=32,
-    )
+    spec = digits_net(data, "[C(8,3,1), SM(10)]")
     proto = Protocol(
         name="t",
         type="Adam",

@@ -4,6 +4,7 @@ import math
 
 import pytest
 from conftest import TABLE_A2, TABLE_A3, TABLE_A4
+from digits import digits_net
 from google.protobuf import text_format
 
 from metaqnn.caffe.runner import run_caffe, train_argv
@@ -13,7 +14,7 @@ from metaqnn.compare import architecture_of_net, compare_files, load_caffe_file,
 from metaqnn.config import build_config
 from metaqnn.dropout import authors_dropout, authors_dropout_count, authors_states
 from metaqnn.export import finetune_solver_text, net_spec, render_model
-from metaqnn.netspec import Transform, build_net, dropout_ratios
+from metaqnn.netspec import build_net, dropout_ratios
 from metaqnn.render import pb_value, render_net, render_solver, write_training_files
 from metaqnn.solverspec import load_protocol, solver_fields
 from qagent.arch import FC, Conv, Pool, Softmax, parse_architecture
@@ -201,17 +202,7 @@ def test_parameter_count_equals_caffes_and_rendered_nets_train(caffe, digits_dat
     arch = "[C(16,3,1), C(8,5,1), P(2,2), FC(32), FC(32), SM(10)]"
     gap = "[C(16,3,1), P(3,2), C(8,1,1), GAP, SM(10)]"
     for text in (arch, gap):
-        layers = parse_architecture(text)
-        spec = build_net(
-            layers,
-            image_size=8,
-            channels=1,
-            num_classes=10,
-            train_source=str(data / "train.lmdb"),
-            test_source=str(data / "val.lmdb"),
-            transform=Transform(scale=1 / 256),
-            train_batch=32,
-        )
+        spec = digits_net(data, text)
         d = tmp_path / str(abs(hash(text)))
         (d / "snapshots").mkdir(parents=True)
         proto = load_protocol("search_digits")

@@ -1,29 +1,19 @@
 """Issue 13: export writes each model's best weights as HDF5 in Caffe's own layout (h5py, no Caffe needed)."""
 
 import numpy as np
+from digits import digits_net
 
 from metaqnn.caffe.runner import run_caffe, train_argv
-from metaqnn.netspec import Transform, build_net
 from metaqnn.render import write_training_files
 from metaqnn.solverspec import load_protocol, solver_fields
 from metaqnn.weights import caffemodel_to_hdf5, read_caffemodel, read_hdf5
-from qagent.arch import parse_architecture
 
 
 def _train(caffe, folder, data, manifest, snapshot_format):
     """Two iterations of a small net with a fixed seed; CPU Caffe then writes the same weights every time."""
     folder.mkdir()
     (folder / "snapshots").mkdir()
-    spec = build_net(
-        parse_architecture("[C(8,3,1), P(2,2), FC(16), SM(10)]"),
-        image_size=8,
-        channels=1,
-        num_classes=10,
-        train_source=str(data / "train.lmdb"),
-        test_source=str(data / "val.lmdb"),
-        transform=Transform(scale=1 / 256),
-        train_batch=32,
-    )
+    spec = digits_net(data, "[C(8,3,1), P(2,2), FC(16), SM(10)]")
     proto = load_protocol("search_digits").with_overrides(random_seed=7)
     fields = solver_fields(
         proto, net="net.prototxt", train_size=64, test_size=manifest["sets"]["val"]["count"], whole_test_set=True
