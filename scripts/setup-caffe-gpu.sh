@@ -129,24 +129,10 @@ say "toolkit: CUDA $cuda_version ($toolkit), arches sm_${archs// /,sm_}${ptx:+ +
 
 # --- Debian sources and build dependencies -----------------------------------
 if [ "$resume" = 0 ]; then  # (not indented, to keep the steps readable)
-mkdir -p "$work/apt/etc/sources.list.d" "$work/apt/etc/preferences.d" \
-         "$work/apt/state/lists/partial" "$work/apt/cache/archives/partial" "$work/src"
-: > "$work/apt/state/status"
-{ echo "deb [signed-by=$keyring] $mirror bullseye main"
-  echo "deb-src [signed-by=$keyring] $mirror bullseye main"; } > "$work/apt/etc/sources.list"
-apt_opts=(
-  -o "Dir::Etc=$work/apt/etc"
-  -o "Dir::Etc::sourcelist=$work/apt/etc/sources.list"
-  -o "Dir::Etc::sourceparts=$work/apt/etc/sources.list.d"
-  -o "Dir::Etc::preferencesparts=$work/apt/etc/preferences.d"
-  -o "Dir::State=$work/apt/state"
-  -o "Dir::State::status=$work/apt/state/status"
-  -o "Dir::Cache=$work/apt/cache"
-  -o "APT::Architecture=amd64"
-  -o "APT::Install-Recommends=0"
-  -o "Debug::NoLocking=1"
-  -o "APT::Sandbox::User=root"
-)
+mkdir -p "$work/src"
+# shellcheck source=scripts/private-apt.sh
+. "$here/scripts/private-apt.sh"
+private_apt "$work" "$mirror" "$keyring" deb-src
 say "resolving Debian 11 (bullseye) caffe sources and build dependencies in a private apt configuration"
 apt-get "${apt_opts[@]}" -qq update >/dev/null 2>&1 && compgen -G "$work/apt/state/lists/*_Sources*" >/dev/null \
   || die "apt-get update against $mirror (bullseye) failed: no network or mirror unreachable"

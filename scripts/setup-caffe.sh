@@ -39,24 +39,10 @@ command -v dpkg-deb >/dev/null || die "dpkg-deb not found: this installer needs 
 
 work="$prefix.partial"
 rm -rf "$work"
-mkdir -p "$work/apt/etc/sources.list.d" "$work/apt/etc/preferences.d" \
-         "$work/apt/state/lists/partial" "$work/apt/cache/archives/partial" "$work/root" "$work/bin"
-: > "$work/apt/state/status"
-echo "deb [signed-by=$keyring] $mirror bullseye main" > "$work/apt/etc/sources.list"
-
-apt_opts=(
-  -o "Dir::Etc=$work/apt/etc"
-  -o "Dir::Etc::sourcelist=$work/apt/etc/sources.list"
-  -o "Dir::Etc::sourceparts=$work/apt/etc/sources.list.d"
-  -o "Dir::Etc::preferencesparts=$work/apt/etc/preferences.d"
-  -o "Dir::State=$work/apt/state"
-  -o "Dir::State::status=$work/apt/state/status"
-  -o "Dir::Cache=$work/apt/cache"
-  -o "APT::Architecture=amd64"
-  -o "APT::Install-Recommends=0"
-  -o "Debug::NoLocking=1"
-  -o "APT::Sandbox::User=root"
-)
+mkdir -p "$work/root" "$work/bin"
+# shellcheck source=scripts/private-apt.sh
+. "$here/scripts/private-apt.sh"
+private_apt "$work" "$mirror" "$keyring"
 
 say "resolving Debian 11 (bullseye) caffe in a private apt configuration"
 apt-get "${apt_opts[@]}" -qq update \
