@@ -27,3 +27,18 @@ private_apt() {
     -o "APT::Sandbox::User=root"
   )
 }
+
+# unpack_debs ARCHIVES ROOT SKIP
+# dpkg-deb -x every .deb in ARCHIVES into ROOT, except those whose file name matches the regular
+# expression SKIP (what must come from the running system). Sets unpacked to the count.
+# Needs the caller's die.
+unpack_debs() {
+  local archives=$1 root=$2 skip=$3 deb name
+  unpacked=0
+  for deb in "$archives"/*.deb; do
+    name=$(basename "$deb")
+    if [[ $name =~ $skip ]]; then continue; fi
+    dpkg-deb -x "$deb" "$root" || die "could not unpack $name"
+    unpacked=$((unpacked + 1))
+  done
+}

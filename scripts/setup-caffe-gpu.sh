@@ -153,13 +153,8 @@ apt-get "${apt_opts[@]}" -qq -y install -d "${dev_pkgs[@]}" >/dev/null 2>&1 \
 # The C library, the compiler's runtime and headers, and base tools come from
 # the running system; the bullseye libraries and headers go into the prefix.
 skip='^(libc6|libc6-dev|libc-dev-bin|linux-libc-dev|libcrypt1|libcrypt-dev|libgcc-s1|libgcc-10-dev|libstdc\+\+6|libstdc\+\+-10-dev|gcc-10-base|libasan6|libatomic1|libgomp1|libitm1|liblsan0|libtsan0|libubsan1|libtirpc-dev|libnsl-dev|coreutils|dpkg|tar|perl-base|debconf)_'
-n=0
-for deb in "$work"/apt/cache/archives/*.deb; do
-  name=$(basename "$deb")
-  if [[ $name =~ $skip ]]; then continue; fi
-  dpkg-deb -x "$deb" "$work/root" || die "could not unpack $name"
-  n=$((n + 1))
-done
+unpack_debs "$work/apt/cache/archives" "$work/root" "$skip"
+n=$unpacked
 rm -rf "$work/apt/cache/archives"
 # Absolute symlinks (libz.so, liblzma.so, ...) would point into the system: make them relative.
 while IFS= read -r link; do

@@ -56,13 +56,8 @@ apt-get "${apt_opts[@]}" -qq -y install -d caffe libopenblas0-pthread >/dev/null
 # Packages that must come from the running system (glibc, the C++ runtime) or
 # that are not libraries at all; everything else is unpacked into the prefix.
 skip='^(libc6|libgcc-s1|libstdc\+\+6|libcrypt1|gcc-10-base|coreutils|dpkg|tar|perl-base|debconf|sensible-utils|tzdata|ucf|readline-common|media-types|mariadb-common|mysql-common|odbcinst|fontconfig-config|fonts-dejavu-core)_'
-n=0
-for deb in "$work"/apt/cache/archives/*.deb; do
-  name=$(basename "$deb")
-  if [[ $name =~ $skip ]]; then continue; fi
-  dpkg-deb -x "$deb" "$work/root" || die "could not unpack $name"
-  n=$((n + 1))
-done
+unpack_debs "$work/apt/cache/archives" "$work/root" "$skip"
+n=$unpacked
 say "unpacked $n packages into $prefix/root"
 
 # Wrappers: every caffe tool runs with the prefix's libraries first.  OpenBLAS
