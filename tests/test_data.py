@@ -114,7 +114,7 @@ def test_rerun_is_a_noop_and_other_options_are_refused(tmp_path):
 
 
 def test_interrupted_write_leaves_no_finished_lmdb(tmp_path, monkeypatch):
-    real = lmdb_writer._uint8_encoder
+    real = lmdb_writer.datum_encoder
     calls = []
 
     def interrupted(*args):
@@ -128,7 +128,7 @@ def test_interrupted_write_leaves_no_finished_lmdb(tmp_path, monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(lmdb_writer, "_uint8_encoder", interrupted)
+    monkeypatch.setattr(lmdb_writer, "datum_encoder", interrupted)
     images = np.zeros((3000, 1, 4, 4), np.uint8)
     with pytest.raises(KeyboardInterrupt):
         write_lmdb(tmp_path / "x.lmdb", images, np.zeros(3000, np.int64))
