@@ -80,6 +80,8 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
     assert report.returncode == 0 and (exp / "report" / "fig3_rolling_accuracy.png").stat().st_size > 10000
     export = cli("export", "--exp", str(exp), "--top", "3")
     assert export.returncode == 0 and len(list((exp / "export").glob("0*_model*/net.prototxt"))) == 3
+    for folder in (exp / "export").glob("0*_model*"):  # each trained model's best weights, also as HDF5
+        assert (folder / "weights.caffemodel").stat().st_size > 0 and (folder / "weights.h5").stat().st_size > 0
     tuned = cli("finetune", "--exp", str(exp), "--top", "2")
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     ens = cli("ensemble", "--exp", str(exp), "--top", "2")
