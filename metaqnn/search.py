@@ -184,30 +184,37 @@ def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> 
     return LocalExecutor(run, slots, options.gpus, per_gpu=options.trainings_per_gpu if options.gpus else 1)
 
 
-def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
-    """Check everything (caffe, data, options), then create or resume the experiment and search."""
-    log = options.log
-    caffe = find_caffe(gpu=bool(options.gpus) or options.ray_gpus)
+def check_before_creating(config: Config, options: SearchOptions, caffe: Any) -> Tuple[str, Dict[str, Any]]:
+    """Everything a search depends on, before the experiment exists: the driver (GPU runs), the
+    caffe binary and its schema, the data (prepared if missing, checked against the config), and
+    one real iteration.  Returns caffe's version line and the manifest's sets."""
     if options.gpus and not options.ray:
         ensure_gpu_ready(caffe)
     version = check_caffe_runs(caffe.binary)
     load_schema()  # the schema comes from this Caffe: missing, it is named now, not blamed on the data
-    space = config.space
-    protocol = config.protocol.load("search")
-    data_dir = options.data_dir.resolve()
-    manifest = ensure_data(config, data_dir, options.source or source_or_default(config), log)
-    sets = manifest["sets"]
-    protocol.iters_per_epoch(int(sets["train"]["count"]))  # a training set smaller than one batch is refused now
+    data_dir = options.data_dir
+    manifest = ensure_data(config, data_dir, options.source or source_or_default(config), options.log)
+    sets: Dict[str, Any] = manifest["sets"]
+    config.protocol.load("search").iters_per_epoch(int(sets["train"]["count"]))  # a set smaller than one batch
     check_caffe_trains(
         caffe.binary,
         train_lmdb=data_dir / sets["train"]["path"],
         val_lmdb=data_dir / sets["val"]["path"],
-        image_size=space.image_size,
+        image_size=config.space.image_size,
         channels=int(sets["train"]["shape"][0]),
-        num_classes=space.num_classes,
+        num_classes=config.space.num_classes,
         transform=config.render.transform(),
         gpu=options.gpus[0] if options.gpus and not options.ray else None,
     )
+    return version, sets
+
+
+def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
+    """Check everything (caffe, data, options), then create or resume the experiment and search."""
+    log = options.log
+    caffe = find_caffe(gpu=bool(options.gpus) or options.ray_gpus)
+    version, sets = check_before_creating(config, options, caffe)
+    space, protocol, data_dir = config.space, config.protocol.load("search"), options.data_dir
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
         store.set_meta("data_dir", str(data_dir))  # the experiment exists only once everything above passed
         agent = Agent(space, config.schedule, config.agent)
