@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
+from data_prep.lmdb_check import lmdb_file_problem
 from metaqnn import faults
 from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_runs, write_csvs
 from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
@@ -311,9 +312,11 @@ class Trainer:
         return write_training_files(self.dir, None, fields, solver_name=name)
 
     def _check_data(self) -> None:
+        """Before each caffe run: data deleted or truncated mid-search stops the search, not this model."""
         for p in (self.job.train_lmdb, self.job.val_lmdb):
-            if not (p / "data.mdb").exists():
-                raise DataMissingError(f"training data missing: {p} (run `make data` or `metaqnn prepare`)")
+            problem = lmdb_file_problem(p)  # reads only the LMDB's meta pages: cheap, and never maps it
+            if problem is not None:
+                raise DataMissingError(f"training data {p}: {problem} (run `make data` or `metaqnn prepare`)")
 
     # -- one caffe run ----------------------------------------------------------------
     def _history(self) -> List[LogState]:

@@ -89,7 +89,16 @@ def test_missing_data_stops_the_search(digits_data, tmp_path):
     from metaqnn.trainer import DataMissingError
 
     job = replace(make_job(digits_data, tmp_path), train_lmdb=tmp_path / "nowhere.lmdb")
-    with pytest.raises(DataMissingError, match="training data missing"):
+    with pytest.raises(DataMissingError, match=r"nowhere\.lmdb: missing"):
+        Trainer(job).train()
+    # truncated while the search runs: found from its meta pages before caffe maps it (no SIGBUS)
+    data, _ = digits_data
+    cut = tmp_path / "cut.lmdb"
+    cut.mkdir()
+    blob = (data / "val.lmdb" / "data.mdb").read_bytes()
+    (cut / "data.mdb").write_bytes(blob[: len(blob) // 2])
+    job = replace(make_job(digits_data, tmp_path / "b"), val_lmdb=cut)
+    with pytest.raises(DataMissingError, match=r"cut\.lmdb"):
         Trainer(job).train()
 
 
