@@ -4,14 +4,12 @@ Every refusal is checked the way a user meets it: the real command line, exit st
 one ``error:`` line on stderr, no traceback, and nothing created.
 """
 
-import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import synthetic
+from commandline import cli, one_line_error
 
 from metaqnn.config import build_config, config_from_dict, stored_config
 from metaqnn.executors import InlineExecutor, LocalExecutor
@@ -24,26 +22,6 @@ from qagent.store import ExperimentStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "schedule.steps=[[1.0, 3]]", "--set", "space.max_depth=3"]
-
-
-def cli(*args, env=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "metaqnn", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def one_line_error(result, fragment):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    return lines[0]
 
 
 def fake_caffe(folder: Path, body: str) -> Path:

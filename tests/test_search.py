@@ -1,7 +1,6 @@
 """Issue 7: the search as a user runs it -- real caffe, kill -9 at a random moment, rerun, nothing lost."""
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -11,22 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from commandline import cli, one_line_error
 
 from qagent.store import ExperimentStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "schedule.steps=[[1.0, 8], [0.5, 4], [0.1, 4]]", "--set", "space.max_depth=4"]
-
-
-def cli(*args, timeout=900, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "metaqnn", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def models(store_path):
@@ -93,12 +82,6 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
         # issue 15: the search's own weights tested on the test set, beside its validation accuracy
         assert 0.1 < tuned_json["search_weights_test_accuracy"] <= 1.0 and tuned_json["validation_accuracy"] > 0.15
     assert summary["test_images"] == 300 and 0.5 < summary["ensemble_accuracy"] <= 1.0
-
-
-def one_line_error(result, fragment):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
 
 
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tmp_path, digits_data):
