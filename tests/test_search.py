@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from commandline import cli, one_line_error
 
+from qagent.errors import StoreError
 from qagent.store import ExperimentStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_kill_9_mid_search_then_rerun_loses_nothing(tmp_path, digits_data, seed)
         if store_path.exists():
             try:
                 done, _ = models(store_path)
-            except sqlite3.OperationalError:  # the file exists, its tables not yet
+            except (sqlite3.OperationalError, StoreError):  # the file exists, its tables not yet
                 continue
             if sum(m.status in ("done", "failed") for m in done.values()) >= 3:
                 break
