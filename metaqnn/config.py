@@ -26,6 +26,9 @@ from qagent.errors import ConfigError, quote
 from qagent.schedule import EpsilonSchedule
 from qagent.space import SpaceConfig
 
+if typing.TYPE_CHECKING:
+    from metaqnn.netspec import Transform
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on the users' Python 3.8 conda Caffe
@@ -113,7 +116,7 @@ class RenderConfig:
         if self.scale < 0:
             raise ConfigError(f"render.scale must be >= 0, got {self.scale}")
 
-    def transform(self) -> Any:
+    def transform(self) -> "Transform":
         from metaqnn.netspec import Transform
 
         return Transform(mirror=self.mirror, crop_size=self.crop_size, scale=self.scale, mean_file=self.mean_file)

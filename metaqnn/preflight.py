@@ -37,7 +37,7 @@ def check_caffe_runs(binary: Path) -> str:
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     version = next((ln.strip() for ln in lines if "caffe version" in ln.lower()), None)
     if proc.returncode != 0 or version is None:
-        said = (lines[-1].strip()[:120] if lines else "nothing") if lines else "nothing"
+        said = lines[-1].strip()[:120] if lines else "nothing"
         raise InfrastructureError(
             f"{binary} is not a working Caffe: `--version` exited with status {proc.returncode} and printed {said!r}"
         )

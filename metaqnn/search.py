@@ -32,6 +32,7 @@ from metaqnn.experiment import (
 )
 from metaqnn.failures import CircuitBreaker, InfrastructureError, is_disk_full
 from metaqnn.preflight import check_caffe_runs, check_caffe_trains
+from metaqnn.solverspec import Protocol
 from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
 from qagent.arch import parse_architecture
@@ -184,7 +185,9 @@ def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> 
     return LocalExecutor(run, slots, options.gpus, per_gpu=options.trainings_per_gpu if options.gpus else 1)
 
 
-def check_before_creating(config: Config, options: SearchOptions, caffe: Any) -> Tuple[str, Dict[str, Any]]:
+def check_before_creating(
+    config: Config, options: SearchOptions, caffe: Any, protocol: Protocol
+) -> Tuple[str, Dict[str, Any]]:
     """Everything a search depends on, before the experiment exists: the driver (GPU runs), the
     caffe binary and its schema, the data (prepared if missing, checked against the config), and
     one real iteration.  Returns caffe's version line and the manifest's sets."""
@@ -195,7 +198,7 @@ def check_before_creating(config: Config, options: SearchOptions, caffe: Any) ->
     data_dir = options.data_dir
     manifest = ensure_data(config, data_dir, options.source or source_or_default(config), options.log)
     sets: Dict[str, Any] = manifest["sets"]
-    config.protocol.load("search").iters_per_epoch(int(sets["train"]["count"]))  # a set smaller than one batch
+    protocol.iters_per_epoch(int(sets["train"]["count"]))  # a training set smaller than one batch is refused
     check_caffe_trains(
         caffe.binary,
         train_lmdb=data_dir / sets["train"]["path"],
@@ -213,8 +216,9 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
     """Check everything (caffe, data, options), then create or resume the experiment and search."""
     log = options.log
     caffe = find_caffe(gpu=bool(options.gpus) or options.ray_gpus)
-    version, sets = check_before_creating(config, options, caffe)
-    space, protocol, data_dir = config.space, config.protocol.load("search"), options.data_dir
+    protocol: Protocol = config.protocol.load("search")
+    version, sets = check_before_creating(config, options, caffe, protocol)
+    space, data_dir = config.space, options.data_dir
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
         store.set_meta("data_dir", str(data_dir))  # the experiment exists only once everything above passed
         agent = Agent(space, config.schedule, config.agent)
