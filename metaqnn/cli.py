@@ -242,7 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     exp = _exp_dir(args, "digits")
     out = Path(args.out) if args.out else exp / "export"
-    for line in export_top(exp, args.top, out):
+    for line in export_top(exp, args.top, out, include_predicted=args.include_predicted):
         print(line)
     return 0
 
@@ -282,7 +282,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from metaqnn.finetune import finetune, format_results
 
-    results = finetune(_exp_dir(args, "digits"), args.top, gpu=args.gpu, timeout=args.timeout)
+    results = finetune(
+        _exp_dir(args, "digits"), args.top, gpu=args.gpu, timeout=args.timeout, include_predicted=args.include_predicted
+    )
     print("\n".join(format_results(results)))
     return 0
 
@@ -290,8 +292,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from metaqnn.finetune import ensemble
 
-    ensemble(_exp_dir(args, "digits"), args.top, gpu=args.gpu)
+    ensemble(_exp_dir(args, "digits"), args.top, gpu=args.gpu, include_predicted=args.include_predicted)
     return 0
+
+
+def cmd_finish(args: argparse.Namespace) -> int:
+    from metaqnn.finish import finish_stopped
+
+    exp = _exp_dir(args, "digits")
+    results = finish_stopped(exp, None if args.all else args.top, args.model, gpu=args.gpu, timeout=args.timeout)
+    failed = [r for r in results if "measured" not in r]
+    return 1 if failed else 0
+
+
+def _predicted_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--include-predicted",
+        action="store_true",
+        help="rank models stopped early by their predicted accuracy too (default: measured accuracies only)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp", help="experiment name or path")
     p.add_argument("--top", type=POSITIVE_INT, default=10)
     p.add_argument("--out")
+    _predicted_arg(p)
+
+    p = add("finish", cmd_finish, "train models that early stopping stopped to the end (their predictions -> measured)")
+    p.add_argument("--exp", help="experiment name or path")
+    p.add_argument("--top", type=POSITIVE_INT, default=5, help="the K highest predictions (default 5)")
+    p.add_argument("--all", action="store_true", help="every model stopped early")
+    p.add_argument("--model", type=POSITIVE_INT, action="append", default=[], help="this model id (repeatable)")
+    p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
+    p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per caffe run, seconds")
 
     p = add("compare", cmd_compare, "semantic diff of two nets or two solvers (exit 0 when equal)")
     p.add_argument("a")
@@ -390,11 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=POSITIVE_INT, default=10)
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
     p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per model, seconds")
+    _predicted_arg(p)
 
     p = add("ensemble", cmd_ensemble, "average the softmax outputs of the top-K finetuned models on test")
     p.add_argument("--exp", help="experiment name or path")
     p.add_argument("--top", type=POSITIVE_INT, default=5)
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
+    _predicted_arg(p)
 
     p = add("report", cmd_report, "figures (Fig. 3, A2, A3, A4) and a markdown page for an experiment")
     p.add_argument("--exp", help="experiment name or path")

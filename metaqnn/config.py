@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
+from metaqnn.early_stop.rules import EarlyStopConfig
 from metaqnn.resources import asset_dir, workspace
 from qagent.agent import AgentConfig
 from qagent.errors import ConfigError, quote
@@ -37,7 +38,7 @@ else:  # pragma: no cover - exercised on the users' Python 3.8 conda Caffe
 PROJECT_ROOT = workspace()  # data/, experiments/ and .deps/ live here
 PRESETS_DIR = asset_dir("presets")
 SOLVERS_DIR = asset_dir("solvers")
-SECTIONS = ("dataset", "space", "schedule", "agent", "render", "protocol")
+SECTIONS = ("dataset", "space", "schedule", "agent", "render", "protocol", "early_stop")
 PREPROCESS = ("none", "mean", "gcn", "lcn", "zca")
 
 # Optional fields whose None is spelt as a word in the files (TOML has no null):
@@ -149,8 +150,10 @@ class Config:
     agent: AgentConfig
     render: RenderConfig
     protocol: ProtocolChoice
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     def __post_init__(self) -> None:
+        self.early_stop.check_epochs(self.protocol.load("search").epochs)
         if self.render.crop_size > self.space.image_size + 2 * self.dataset.pad:
             raise ConfigError(
                 f"render.crop_size {self.render.crop_size} is larger than the stored images "
@@ -383,6 +386,7 @@ def config_from_dict(tables: Mapping[str, Any], name: Optional[str] = None) -> C
         agent=build_section(AgentConfig, t["agent"], "agent"),
         render=build_section(RenderConfig, t["render"], "render"),
         protocol=build_section(ProtocolChoice, t["protocol"], "protocol"),
+        early_stop=build_section(EarlyStopConfig, t["early_stop"], "early_stop"),
     )
 
 

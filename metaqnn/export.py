@@ -25,6 +25,7 @@ from qagent.arch import Layer, parse_architecture
 from qagent.errors import ConfigError
 from qagent.outdir import writing_into
 from qagent.space import trajectory_of
+from qagent.status import ModelStatus
 from qagent.store import ExperimentStore, ModelRow
 
 
@@ -164,13 +165,38 @@ def export_weights(model_dir: Path, best_iteration: Optional[int], out: Path) ->
     return out / "weights.h5"
 
 
-def export_top(exp_dir: Path, top: int, out: Path) -> List[str]:
+def reward_kind(m: ModelRow) -> str:
+    """``measured`` (a validation accuracy Caffe reported) or ``predicted`` (a model stopped early)."""
+    return "predicted" if m.status == ModelStatus.STOPPED else "measured"
+
+
+def reward_fields(m: ModelRow) -> Dict[str, Any]:
+    """The model's score for metadata.json, never a prediction under a measurement's name."""
+    if m.status == ModelStatus.STOPPED:
+        return {
+            "validation_accuracy": None,
+            "predicted_accuracy": m.reward,
+            "reward_kind": "predicted",
+            "stopped_epoch": m.metrics.get("stopped_epoch"),
+            "accuracy_when_stopped": m.metrics.get("best_accuracy"),
+        }
+    out: Dict[str, Any] = {"validation_accuracy": m.reward, "reward_kind": "measured"}
+    if m.metrics.get("stopped_early"):  # stopped, then finished: the prediction it was stopped with
+        out["stopped_early"] = m.metrics["stopped_early"]
+    return out
+
+
+def export_top(exp_dir: Path, top: int, out: Path, include_predicted: bool = False) -> List[str]:
+    """The top models by measured validation accuracy (and by predicted accuracy too, when asked)."""
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
         config = experiment_config(store)
-        models = store.top_models(top)
+        models = store.top_models(top, include_predicted=include_predicted)
         data_dir = experiment_data_dir(store)
     if not models:
-        raise ConfigError(f"experiment {exp_dir} has no trained model to export yet")
+        raise ConfigError(
+            f"experiment {exp_dir} has no trained model to export yet"
+            + ("" if include_predicted else " (models stopped early count with --include-predicted)")
+        )
     with writing_into(out, "export folder"):
         return _export(config, models, data_dir, out, exp_dir)
 
@@ -182,7 +208,7 @@ def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, e
         meta = {
             "rank": rank,
             "model_id": m.id,
-            "validation_accuracy": m.reward,
+            **reward_fields(m),
             "epsilon": m.epsilon,
             "learning_rate": m.metrics.get("learning_rate"),
             "restarts": m.metrics.get("restarts"),
@@ -198,6 +224,7 @@ def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, e
                 "rank": rank,
                 "model": m.id,
                 "val_acc": m.reward,
+                "kind": reward_kind(m),
                 "params": params,
                 "lr": m.metrics.get("learning_rate"),
                 "folder": folder.name,
@@ -208,9 +235,13 @@ def _export(config: Config, models: List[ModelRow], data_dir: Path, out: Path, e
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    md = ["| rank | model | val. acc. | params (10^6) | lr | architecture |", "|---:|---:|---:|---:|---:|---|"]
+    md = [
+        "| rank | model | val. acc. | kind | params (10^6) | lr | architecture |",
+        "|---:|---:|---:|---|---:|---:|---|",
+    ]
     md += [
-        f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['params'] / 1e6:.3f} | {r['lr']} | `{r['arch']}` |"
+        f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['kind']} | {r['params'] / 1e6:.3f} | {r['lr']} "
+        f"| `{r['arch']}` |"
         for r in rows
     ]
     (out / "summary.md").write_text("\n".join(md) + "\n")

@@ -45,9 +45,9 @@ class FinetuneError(MetaQNNError):
     pass
 
 
-def _exported(exp_dir: Path, top: int) -> List[Path]:
+def _exported(exp_dir: Path, top: int, include_predicted: bool = False) -> List[Path]:
     out = exp_dir / "export"
-    export_top(exp_dir, top, out)
+    export_top(exp_dir, top, out, include_predicted=include_predicted)
     return sorted(p for p in out.iterdir() if p.is_dir())[:top]
 
 
@@ -176,14 +176,19 @@ def finetune_model(
 
 
 def finetune(
-    exp_dir: Path, top: int, gpu: Optional[int] = None, timeout: Optional[float] = None, log: Any = print
+    exp_dir: Path,
+    top: int,
+    gpu: Optional[int] = None,
+    timeout: Optional[float] = None,
+    log: Any = print,
+    include_predicted: bool = False,
 ) -> List[Dict[str, Any]]:
     caffe = find_caffe(gpu=gpu is not None)
     if gpu is not None:
         ensure_gpu_ready(caffe)
     return [
         finetune_model(folder, caffe, gpu, timeout, log, model_dir(exp_dir, _metadata(folder)["model_id"]))
-        for folder in _exported(exp_dir, top)
+        for folder in _exported(exp_dir, top, include_predicted)
     ]
 
 
@@ -326,9 +331,11 @@ def test_labels(exp_dir: Path) -> Any:
     return np.array([load_schema().Datum.FromString(v).label for _, v in iter_lmdb(data_dir / "test.lmdb")])
 
 
-def ensemble(exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
+def ensemble(
+    exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print, include_predicted: bool = False
+) -> Dict[str, Any]:
     labels = test_labels(exp_dir)
-    folders = [f for f in _exported(exp_dir, top) if _finetuned(f)]
+    folders = [f for f in _exported(exp_dir, top, include_predicted) if _finetuned(f)]
     if len(folders) < top:
         raise FinetuneError(
             f"only {len(folders)} of the top {top} models are finetuned with the current protocol: "

@@ -4,6 +4,8 @@ fig3_rolling_accuracy.png   Figure 3: rolling mean accuracy over iterations, bar
 figA2_accuracy_by_eps.png   Figure A2: accuracy distribution per epsilon, first vs last epsilon
 figA3_q_by_layer_type.png   Figure A3: average Q-value per layer type against layer depth
 figA4_q_by_receptive.png    Figure A4: average Q-value per conv receptive field against depth
+figES_predicted_vs_measured.png  early stopping: predicted against measured accuracy of the models
+                            stopped early and then finished (`metaqnn finish`), when there are any
 report.md                   the figures, the per-epsilon table and the top models
 """
 
@@ -25,6 +27,7 @@ from qagent.arch import parse_architecture
 from qagent.errors import StoreError
 from qagent.outdir import writing_into
 from qagent.space import State
+from qagent.status import ModelStatus
 from qagent.store import ExperimentStore
 
 TYPE_OF = {"C": "convolution", "P": "pooling", "FC": "fully connected", "SM": "termination", "GAP": "termination"}
@@ -203,9 +206,56 @@ def write_report(exp_dir: Path, out: Path) -> Path:
                 for i, m in enumerate(top, 1)
             ],
         ]
+        lines += early_stop_section(store, out)
         page = out / "report.md"
         page.write_text("\n".join(lines + finetune_section(exp_dir)) + "\n")
     return page
+
+
+def early_stop_section(store: ExperimentStore, out: Path) -> List[str]:
+    """Models stopped early, kept apart from measured ones: their predictions, what they had reached,
+    and (for those finished since) the prediction beside the measurement, as a table and a plot."""
+    stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.reward or 0.0), m.id))
+    finished = [m for m in store.models(ModelStatus.DONE) if m.metrics.get("stopped_early")]
+    if not stopped and not finished:
+        return []
+    lines = [
+        "",
+        "## Early stopping (predicted, not measured)",
+        "",
+        f"{len(stopped)} models were stopped early: their reward is a PREDICTED final accuracy, so they are "
+        f"not in the measured rankings above (export, finetune and ensemble skip them unless given "
+        f"--include-predicted). {len(finished)} were finished to full training since (`metaqnn finish`).",
+        "",
+        "| model | predicted | stopped at epoch | reached then | rule | architecture |",
+        "|---:|---:|---:|---:|---|---|",
+        *[
+            f"| {m.id} | {m.reward:.4f} | {m.metrics.get('stopped_epoch')} | {m.metrics.get('best_accuracy')} "
+            f"| {m.metrics.get('stop_rule')} | `{m.arch}` |"
+            for m in stopped[:20]
+        ],
+    ]
+    if finished:
+        pairs = [(float(m.metrics["stopped_early"]["predicted_accuracy"]), float(m.reward or 0.0)) for m in finished]
+        fig, ax = plt.subplots(figsize=(4.8, 4.5))
+        ax.scatter([p for p, _ in pairs], [t for _, t in pairs], s=14)
+        lo = min(min(p, t) for p, t in pairs)
+        ax.plot([lo, 1.0], [lo, 1.0], color="grey", linewidth=0.8)
+        ax.set_xlabel("predicted final accuracy (when stopped)")
+        ax.set_ylabel("measured final accuracy (finished)")
+        ax.set_title("models stopped early, then finished")
+        fig.tight_layout()
+        fig.savefig(out / "figES_predicted_vs_measured.png", dpi=110)
+        plt.close(fig)
+        lines += [
+            "",
+            "| model | predicted when stopped | measured when finished | architecture |",
+            "|---:|---:|---:|---|",
+            *[f"| {m.id} | {p:.4f} | {t:.4f} | `{m.arch}` |" for m, (p, t) in zip(finished, pairs)],
+            "",
+            "![predicted vs measured](figES_predicted_vs_measured.png)",
+        ]
+    return lines
 
 
 def finetune_section(exp_dir: Path) -> List[str]:

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from data_prep.integrity import check_manifest_matches
 from data_prep.lmdb_writer import quick_check_lmdb
@@ -24,6 +24,9 @@ from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.caffe.schema import load_schema
 from metaqnn.config import Config, upgrade_record
+from metaqnn.early_stop.curves import epochs_trained
+from metaqnn.early_stop.rules import StopRule
+from metaqnn.early_stop.source import RuleSource
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
 from metaqnn.experiment import (
     STORE_NAME,
@@ -35,9 +38,9 @@ from metaqnn.preflight import check_caffe_runs, check_caffe_trains
 from metaqnn.solverspec import Protocol
 from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
-from qagent.arch import parse_architecture
+from qagent.arch import Layer, parse_architecture
 from qagent.errors import MetaQNNError
-from qagent.status import TRAINED, ModelStatus
+from qagent.status import MEASURED, TRAINED, ModelStatus
 from qagent.store import ExperimentStore
 
 
@@ -224,25 +227,19 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
         agent = Agent(space, config.schedule, config.agent)
         store.load_agent(agent)
         progress = Progress(agent, store, log)
+        rules = RuleSource(config.early_stop, protocol.epochs, config.agent.seed, progress.event).load(store)
 
         def make_job(p: Proposal, model_id: int) -> TrainJob:
-            return TrainJob(
-                layers=p.layers,
-                model_dir=model_dir(options.exp_dir, model_id),
-                caffe=caffe.binary,
-                train_lmdb=data_dir / sets["train"]["path"],
-                val_lmdb=data_dir / sets["val"]["path"],
-                train_size=sets["train"]["count"],
-                val_size=sets["val"]["count"],
-                image_size=space.image_size,
-                channels=sets["train"]["shape"][0],
-                num_classes=space.num_classes,
-                protocol=protocol,
-                transform=config.render.transform(),
-                dropout=config.render.dropout,
+            return build_job(
+                config,
+                protocol,
+                JobPlaces(caffe.binary, data_dir, sets, options.exp_dir),
+                model_id,
+                p.layers,
+                p.arch,
                 timeout=options.timeout,
-                seed=caffe_seed(agent.config.seed, p.arch),
                 stall=options.stall,
+                early_stop=rules.rule(),
             )
 
         executor = make_executor(options, train_job if options.ray else progress.trainer)
@@ -257,7 +254,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
         )
         breaker = CircuitBreaker(options.max_same_failures)
         try:
-            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker)
+            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker, rules)
         except BaseException:
             runner.stop_all()  # trainings still in flight stay "running" in the store: resumed next time
             raise
@@ -267,6 +264,51 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
         if progress.tty:
             sys.stdout.write("\n")
         return summary(store, agent)
+
+
+class JobPlaces(NamedTuple):
+    """Where a training finds its binary, its data (the manifest's sets) and its experiment."""
+
+    caffe: Path
+    data_dir: Path
+    sets: Dict[str, Any]
+    exp_dir: Path
+
+
+def build_job(
+    config: Config,
+    protocol: Protocol,
+    places: JobPlaces,
+    model_id: int,
+    layers: Tuple[Layer, ...],
+    arch: str,
+    timeout: Optional[float] = None,
+    stall: Optional[Stall] = None,
+    gpu: Optional[int] = None,
+    early_stop: Optional[StopRule] = None,
+) -> TrainJob:
+    """One model's training job: the same for the search and for finishing a model stopped early."""
+    sets = places.sets
+    return TrainJob(
+        layers=layers,
+        model_dir=model_dir(places.exp_dir, model_id),
+        caffe=places.caffe,
+        train_lmdb=places.data_dir / sets["train"]["path"],
+        val_lmdb=places.data_dir / sets["val"]["path"],
+        train_size=sets["train"]["count"],
+        val_size=sets["val"]["count"],
+        image_size=config.space.image_size,
+        channels=sets["train"]["shape"][0],
+        num_classes=config.space.num_classes,
+        protocol=protocol,
+        transform=config.render.transform(),
+        dropout=config.render.dropout,
+        gpu=gpu,
+        timeout=timeout,
+        seed=caffe_seed(config.agent.seed, arch),
+        stall=stall,
+        early_stop=early_stop,
+    )
 
 
 def train_job(job: TrainJob) -> TrainResult:
@@ -282,6 +324,7 @@ def search_loop(
     progress: "Progress",
     max_models: Optional[int] = None,
     breaker: Optional[CircuitBreaker] = None,
+    rules: Optional[RuleSource] = None,
 ) -> int:
     """Algorithm 1 over a store with up to ``executor.slots`` models in flight.
 
@@ -291,7 +334,7 @@ def search_loop(
     is sampled while a copy of it is training is not sent out again: the sample waits for that
     result and then counts as a duplicate.  Returns the number of models sent out.
     """
-    return _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker).run()
+    return _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker, rules).run()
 
 
 class _SearchLoop:
@@ -308,9 +351,10 @@ class _SearchLoop:
         progress: "Progress",
         max_models: Optional[int],
         breaker: Optional[CircuitBreaker],
+        rules: Optional[RuleSource] = None,
     ) -> None:
         self.agent, self.store, self.executor, self.make_job = agent, store, executor, make_job
-        self.progress, self.max_models, self.breaker = progress, max_models, breaker
+        self.progress, self.max_models, self.breaker, self.rules = progress, max_models, breaker, rules
         self.launched: Dict[str, Tuple[Proposal, int]] = {}  # arch -> (its proposal, its model id)
         self.waiting: Dict[str, List[Proposal]] = {}  # arch in flight -> later samples of it
         self.sent = 0
@@ -372,12 +416,19 @@ class _SearchLoop:
             self.store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message)
             self.progress.event(f"#{model_id} out of memory, skipped: {p.arch}", p.epsilon)
         else:
-            reward = result.best_accuracy if result.status == ModelStatus.DONE else agent.failure_reward
-            assert reward is not None
+            reward = reward_of(result, agent.failure_reward)
             agent.observe(p.arch, p.encoded, reward, p.epsilon)
             self.store.record_result(agent, p, result.status, reward, metrics, result.message or None)
-            done = result.status == ModelStatus.DONE
-            what = f"acc {reward:.4f}" if done else f"FAILED ({result.failure}: {result.message})"
+            if result.status == ModelStatus.DONE and self.rules is not None:
+                self.rules.observe(model_id, p.arch, metrics)
+            if result.status == ModelStatus.DONE:
+                what = f"acc {reward:.4f}"
+            elif result.status == ModelStatus.STOPPED:
+                what = (
+                    f"predicted {reward:.4f} (stopped at epoch {result.stopped_epoch}, measured {result.best_accuracy})"
+                )
+            else:
+                what = f"FAILED ({result.failure}: {result.message})"
             self.progress.event(
                 f"#{model_id} eps {p.epsilon:g} {what} restarts {result.restarts} {result.wall_time:.1f}s {p.arch}",
                 p.epsilon,
@@ -397,6 +448,16 @@ class _SearchLoop:
                 self.store.record_result(agent, dup, ModelStatus.OOM, None, None, self.OOM_AGAIN)
 
 
+def reward_of(result: TrainResult, failure_reward: float) -> float:
+    """The agent's reward: the measured best accuracy, the prediction for a model stopped early,
+    else the failure reward."""
+    if result.status == ModelStatus.DONE and result.best_accuracy is not None:
+        return result.best_accuracy
+    if result.status == ModelStatus.STOPPED and result.predicted_accuracy is not None:
+        return result.predicted_accuracy
+    return failure_reward
+
+
 def as_infrastructure(exc: BaseException, model_id: int) -> BaseException:
     """An exception out of a training is never a model's result: it stops the search, with one line.
 
@@ -414,27 +475,56 @@ def as_infrastructure(exc: BaseException, model_id: int) -> BaseException:
 
 
 def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10) -> Dict[str, Any]:
-    per_eps: Dict[float, List[float]] = {}
+    """Per epsilon: models, mean reward (predictions of models stopped early included, as the agent
+    saw them), best *measured* accuracy, models stopped; the top measured models; the stopped ones."""
+    per_eps: Dict[float, Dict[str, Any]] = {}
+    epochs = 0.0
     for m in store.models():
+        epochs += epochs_trained(m.metrics) if m.metrics and m.status != ModelStatus.DUPLICATE else 0.0
         if m.status in TRAINED and m.reward is not None:
-            per_eps.setdefault(m.epsilon, []).append(m.reward)
+            e = per_eps.setdefault(m.epsilon, {"rewards": [], "measured": [], "stopped": 0})
+            e["rewards"].append(m.reward)
+            if m.status in MEASURED:
+                e["measured"].append(m.reward)
+            e["stopped"] += m.status == ModelStatus.STOPPED
+    stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.reward or 0.0), m.id))
     return {
         "per_epsilon": {
-            e: {"models": len(v), "mean": sum(v) / len(v), "best": max(v)}
+            e: {
+                "models": len(v["rewards"]),
+                "mean": sum(v["rewards"]) / len(v["rewards"]),
+                "best": max(v["measured"]) if v["measured"] else None,
+                "stopped": v["stopped"],
+            }
             for e, v in sorted(per_eps.items(), reverse=True)
         },
         "top": [(m.id, m.reward, m.arch) for m in store.top_models(top)],
+        "stopped": [(m.id, m.reward, m.arch, m.metrics.get("stopped_epoch")) for m in stopped[:top]],
+        "stopped_total": len(stopped),
+        "epochs_trained": epochs,
         "complete": None if agent is None else agent.done,
         "samples": sum(1 for _ in store.samples()),
     }
 
 
 def format_summary(s: Dict[str, Any]) -> str:
-    lines = ["epsilon  models  mean acc  best acc"]
+    early = s.get("stopped_total", 0) > 0
+    lines = ["epsilon  models  mean acc  best acc" + ("  stopped" if early else "")]
     for e, v in s["per_epsilon"].items():
-        lines.append(f"{e:7g}  {v['models']:6d}  {v['mean']:8.4f}  {v['best']:8.4f}")
+        best = "       -" if v["best"] is None else f"{v['best']:8.4f}"
+        lines.append(f"{e:7g}  {v['models']:6d}  {v['mean']:8.4f}  {best}" + (f"  {v['stopped']:7d}" if early else ""))
+    if early:
+        lines.append(
+            f"(mean acc includes the predicted rewards of {s['stopped_total']} models stopped early; "
+            f"best acc is measured; {s['epochs_trained']:.0f} training epochs in all)"
+        )
     lines.append("")
     lines.append("top models (validation accuracy):")
     for rank, (mid, reward, arch) in enumerate(s["top"], 1):
         lines.append(f"{rank:3d}. #{mid:<5d} {reward:.4f}  {arch}")
+    if early:
+        lines.append("")
+        lines.append("stopped early (PREDICTED accuracy, not measured; `metaqnn finish` trains them to the end):")
+        for mid, reward, arch, epoch in s["stopped"][:5]:
+            lines.append(f"     #{mid:<5d} {reward:.4f}  predicted at epoch {epoch}  {arch}")
     return "\n".join(lines)

@@ -35,11 +35,14 @@ from data_prep.lmdb_check import lmdb_file_problem
 from metaqnn import faults
 from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_runs, write_csvs
 from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
+from metaqnn.early_stop import ModelInfo, StopDecision, StopRule, epoch_curve, model_info
+from metaqnn.early_stop.rules import describe
 from metaqnn.failures import FailureKind, InfrastructureError, infrastructure_reason
 from metaqnn.netspec import Transform, build_net
 from metaqnn.render import write_net, write_training_files
 from metaqnn.solverspec import Protocol, solver_fields
 from qagent.arch import Layer, format_architecture
+from qagent.errors import StoreError
 from qagent.status import ModelStatus
 
 ACCURACY = "Accuracy1"
@@ -77,6 +80,7 @@ class TrainJob:
     seed: Optional[int] = None  # Caffe's random_seed (weight fillers, dropout): CPU training is then repeatable
     stall: Optional[Stall] = field(default_factory=Stall)  # watchdog for a hung or stopped caffe; None: off
     env: Tuple[Tuple[str, str], ...] = ()  # extra environment of caffe, e.g. the GPU it sees (metaqnn.packing)
+    early_stop: Optional[StopRule] = None  # may stop the full training at a checkpoint epoch (metaqnn.early_stop)
 
     def __post_init__(self) -> None:
         # caffe runs inside the model folder: a relative path would point somewhere else there
@@ -101,6 +105,14 @@ class TrainResult:
     param_count: int = 0
     worker: str = ""  # host:pid (and Ray node) that trained it
     caffe_seed: Optional[int] = None
+    iters_per_epoch: Optional[int] = None
+    # status "stopped" (an early-stopping rule): the reward is ``predicted_accuracy``, not a measurement
+    predicted_accuracy: Optional[float] = None
+    stopped_epoch: Optional[int] = None
+    stop_probability: Optional[float] = None  # P(final beats stop_target) under the predictor
+    stop_target: Optional[float] = None
+    stop_rule: str = ""
+    resume_iteration: Optional[int] = None  # the snapshot kept to finish the training later
 
     def __post_init__(self) -> None:  # a result read back from result.json holds plain strings
         self.status = ModelStatus(self.status)
@@ -231,14 +243,21 @@ def prune_by_history(folder: Path, facts: SnapshotFacts, keep: Iterable[int] = (
                 p.unlink(missing_ok=True)
 
 
-def final_prune(folder: Path, best_iteration: int) -> None:
-    """A finished model keeps only its best weights (idempotent: redone when a result is recovered)."""
-    doomed = [p for it, paths in _snapshot_files(folder).items() for p in paths if it != best_iteration]
-    doomed += [p for p in folder.glob("*.solverstate") if p not in doomed]
+def final_prune(folder: Path, best_iteration: int, resume_iteration: Optional[int] = None) -> None:
+    """A finished model keeps only its best weights, a model stopped early also the snapshot to
+    finish it from (idempotent: redone when a result is recovered)."""
+    kept = {best_iteration, resume_iteration}
+    doomed = [p for it, paths in _snapshot_files(folder).items() for p in paths if it not in kept]
+    doomed += [p for p in folder.glob("*.solverstate") if p not in doomed and _iter_in(p) != resume_iteration]
     for n, p in enumerate(doomed):
         p.unlink(missing_ok=True)
         if n == 0:
             faults.point("pruning")  # a kill half-way through the deletions
+
+
+def _iter_in(path: Path) -> Optional[int]:
+    m = _SNAP_ITER.search(path.name)
+    return int(m.group(1)) if m else None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -287,6 +306,8 @@ class Trainer:
         self.caffe_time = 0.0
         self.states: List[LogState] = []
         self.state: Dict[str, Any] = {}
+        self.param_count = 0
+        self.decision: Optional[StopDecision] = None  # the early-stopping rule's, once it stops the model
 
     # -- files ------------------------------------------------------------------------
     def _load_state(self) -> Dict[str, Any]:
@@ -334,16 +355,20 @@ class Trainer:
         )
         seen = {"tests": 0}
 
-        def on_line(st: LogState) -> None:
-            if len(st.test_rows) == seen["tests"]:
-                return
-            seen["tests"] = len(st.test_rows)
+        def on_line(st: LogState) -> bool:
+            measured = sum(ACCURACY in r for r in st.test_rows)
+            if measured == seen["tests"]:
+                return False
+            seen["tests"] = measured
             row = st.test_rows[-1]
             acc = row.get(ACCURACY)
             if acc is not None:
                 self.progress(f"epoch {int(row['NumIters']) // self.ipe} acc {acc:.4f}")
             # a test line is a safe point: the snapshot it measured is now known to be best or not
             prune_by_history(self.snap_dir, snapshot_facts([*prior, st]), keep)
+            if self.state.get("phase") == "full":
+                self.decision = self._early_decision([*prior, st])
+            return self.decision is not None
 
         outcome = run_caffe(
             train_argv(self.job.caffe, solver, snapshot, self.job.gpu),
@@ -365,6 +390,8 @@ class Trainer:
     def _classify(self, o: RunOutcome) -> Optional[Verdict]:
         """How a run that did not finish normally failed (the model's failure), else None."""
         st = o.state
+        if o.stopped_early:  # the rule stopped it at a test line: its snapshot is complete
+            return None
         broken = infrastructure_reason(st.fatal)
         if broken is not None:  # not this net's fault: stop the search, retry the model on resume
             raise InfrastructureError(f"caffe failed on {self.dir.name} because {broken}")
@@ -431,7 +458,7 @@ class Trainer:
         result = TrainResult(**{k: v for k, v in data.items() if k in known})
         result.curve = [(int(it), float(acc)) for it, acc in result.curve]
         if result.best_iteration is not None:
-            final_prune(self.snap_dir, result.best_iteration)
+            final_prune(self.snap_dir, result.best_iteration, result.resume_iteration)
         return result
 
     def train(self) -> TrainResult:
@@ -457,8 +484,10 @@ class Trainer:
             test_batch=job.protocol.test_batch,
         )
         write_net(self.dir / "net.prototxt", spec)
+        self.param_count = spec.param_count
         result = self._protocol()
         result.param_count = spec.param_count
+        result.iters_per_epoch = self.ipe
         result.caffe_seed = job.seed
         result.worker = f"{socket.gethostname()}:{os.getpid()}"
         result.wall_time = time.monotonic() - t0
@@ -478,7 +507,7 @@ class Trainer:
         write_atomic(self.dir / "result.json", json.dumps(record, indent=1))
         faults.point("result-written")
         if result.best_iteration is not None:  # a finished model keeps only its best weights
-            final_prune(self.snap_dir, result.best_iteration)
+            final_prune(self.snap_dir, result.best_iteration, result.resume_iteration)
         faults.point("pruned")
 
     def _protocol(self) -> TrainResult:
@@ -538,12 +567,69 @@ class Trainer:
         if finished is not None:  # caffe finished before a crash: nothing to train again
             o, verdict = RunOutcome(0, finished, 0.0), None
         else:
+            # the rule at the checkpoints the history already passed: the probe's epoch, or where a
+            # killed training had got to (a pure function of the curve: the same decision again)
+            self.decision = self._early_decision(self._history())
+            if self.decision is not None:
+                return self._stopped_result(self.decision, lr)
             assert resume is not None
             self.progress(f"training to {proto.epochs} epochs from {resume.name}")
             o, verdict = self._run_with_retry(solver, resume, f"train{state['runs']}", [])
+            if o.stopped_early and self.decision is not None:
+                return self._stopped_result(self.decision, lr)
         if verdict is not None and verdict.failure not in (FailureKind.TIMEOUT, FailureKind.STALLED):
             return verdict.result(restarts=state["restart"], learning_rate=lr)
         return self._full_result(o, verdict, lr)
+
+    # -- early stopping ------------------------------------------------------------------
+    def _model_info(self) -> ModelInfo:
+        return model_info(self.job.layers, self.param_count, self.state.get("lr", 0.0), self.state.get("restart", 0))
+
+    def _early_decision(self, states: Sequence[LogState]) -> Optional[StopDecision]:
+        """The job's rule on the curve of ``states`` (the model's history so far), or None."""
+        rule = self.job.early_stop
+        if rule is None:
+            return None
+        return rule.decide(epoch_curve(_accuracy_curve(states), self.ipe), self._model_info())
+
+    def _stopped_result(self, decision: StopDecision, lr: float) -> TrainResult:
+        """A model the rule stopped: what it reached, the prediction that is its reward, the snapshot
+        to finish it from (`metaqnn finish`)."""
+        history = self._history()
+        curve = _accuracy_curve(history)
+        best = best_of(curve)
+        self.progress(describe(decision))
+        return TrainResult(
+            ModelStatus.STOPPED,
+            best_accuracy=best[1] if best else None,
+            best_iteration=best[0] if best else None,
+            last_accuracy=curve[-1][1] if curve else None,
+            learning_rate=lr,
+            restarts=self.state["restart"],
+            message=describe(decision),
+            curve=curve,
+            predicted_accuracy=decision.predicted,
+            stopped_epoch=decision.epoch,
+            stop_probability=decision.probability,
+            stop_target=decision.target,
+            stop_rule=decision.rule,
+            resume_iteration=resume_point(self.snap_dir, snapshot_facts(history), self.ipe),
+        )
+
+    def finish(self) -> TrainResult:
+        """Train a model that was stopped early on to the protocol's end, from its kept snapshot.
+
+        Its stopped result is kept as ``result-stopped.json``; the new ``result.json`` is measured.
+        A kill in between is resumed like any training (the renamed file says it was stopped)."""
+        path, kept = self.dir / "result.json", self.dir / "result-stopped.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("status") != ModelStatus.STOPPED.value:
+                return self.train()  # already finished: recovered from its result
+            path.replace(kept)
+        elif not kept.exists():
+            raise StoreError(f"{self.dir} holds no result of a model stopped early")
+        return self.train()
 
     def _full_result(self, o: RunOutcome, verdict: Optional[Verdict], lr: float) -> TrainResult:
         """The finished (or cut short) full training as a result: curve, best, speed, and how it ended."""

@@ -1,7 +1,8 @@
 """What became of a sampled model: one str-valued enum, stored as its value.
 
 ``done`` and ``failed`` are rewarded (failed with the failure reward) and count towards the
-epsilon schedule; ``duplicate`` is a re-sample answered from the replay dictionary;
+epsilon schedule; ``stopped`` was stopped early by a performance-prediction rule and rewarded
+with its *predicted* final accuracy (never a measured one: exports and reports keep it apart); ``duplicate`` is a re-sample answered from the replay dictionary;
 ``oom`` could not be trained at all and is never handed out again; ``running`` is in flight.
 """
 
@@ -11,6 +12,7 @@ from enum import Enum
 class ModelStatus(str, Enum):
     RUNNING = "running"
     DONE = "done"
+    STOPPED = "stopped"
     FAILED = "failed"
     OOM = "oom"
     DUPLICATE = "duplicate"
@@ -22,4 +24,5 @@ class ModelStatus(str, Enum):
         return format(str(self.value), spec)
 
 
-TRAINED = (ModelStatus.DONE, ModelStatus.FAILED)  # rewarded, in the replay memory, counted per epsilon
+TRAINED = (ModelStatus.DONE, ModelStatus.FAILED, ModelStatus.STOPPED)  # rewarded, replayed, counted per epsilon
+MEASURED = (ModelStatus.DONE,)  # a reward that is a measured validation accuracy (rankable as one)

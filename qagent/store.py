@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models(
     id INTEGER PRIMARY KEY,
     arch TEXT UNIQUE NOT NULL,
-    status TEXT NOT NULL,           -- running | done | failed | oom
+    status TEXT NOT NULL,           -- running | done | stopped | failed | oom | duplicate
     epsilon REAL NOT NULL,          -- epsilon when first sampled (the schedule counts these)
     reward REAL,
     metrics TEXT,                   -- JSON: curve, restarts, lr, wall time, ...
@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS qstates(id INTEGER PRIMARY KEY, state TEXT UNIQUE NOT
 CREATE TABLE IF NOT EXISTS qvalues(id INTEGER PRIMARY KEY, q BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS agent(id INTEGER PRIMARY KEY CHECK (id = 0), rng TEXT NOT NULL);
 """
+_TRAINED_SQL = ", ".join(f"'{s.value}'" for s in TRAINED)
 
 
 @dataclass(frozen=True)
@@ -360,9 +361,21 @@ class ExperimentStore:
         return None if r is None else _row_to_model(r)
 
     @_guarded
-    def top_models(self, k: int) -> List[ModelRow]:
+    def top_models(self, k: int, include_predicted: bool = False) -> List[ModelRow]:
+        """The best ``k`` by reward: measured accuracies only, unless predicted ones are asked for too."""
+        statuses = [ModelStatus.DONE] + ([ModelStatus.STOPPED] if include_predicted else [])
+        marks = ", ".join("?" for _ in statuses)
         rows = self.conn.execute(
-            "SELECT * FROM models WHERE status = ? ORDER BY reward DESC, id ASC LIMIT ?", (ModelStatus.DONE.value, k)
+            f"SELECT * FROM models WHERE status IN ({marks}) ORDER BY reward DESC, id ASC LIMIT ?",
+            (*[s.value for s in statuses], k),
+        )
+        return [_row_to_model(r) for r in rows]
+
+    @_guarded
+    def in_finish_order(self, status: ModelStatus) -> List[ModelRow]:
+        """Models of one status in the order their results were committed (ties by id)."""
+        rows = self.conn.execute(
+            "SELECT * FROM models WHERE status = ? ORDER BY finished ASC, id ASC", (ModelStatus(status).value,)
         )
         return [_row_to_model(r) for r in rows]
 
@@ -382,7 +395,7 @@ class ExperimentStore:
     @_guarded
     def trained_per_epsilon(self) -> Dict[float, int]:
         rows = self.conn.execute(
-            "SELECT epsilon, COUNT(*) AS n FROM models WHERE status IN ('done', 'failed') GROUP BY epsilon"
+            f"SELECT epsilon, COUNT(*) AS n FROM models WHERE status IN ({_TRAINED_SQL}) GROUP BY epsilon"
         )
         return {r["epsilon"]: r["n"] for r in rows}
 
@@ -390,7 +403,7 @@ class ExperimentStore:
     def rewards_at(self, epsilon: float) -> List[float]:
         """Rewards of the unique models trained at one epsilon (for progress lines)."""
         rows = self.conn.execute(
-            "SELECT reward FROM models WHERE epsilon = ? AND status IN ('done', 'failed')", (epsilon,)
+            f"SELECT reward FROM models WHERE epsilon = ? AND status IN ({_TRAINED_SQL})", (epsilon,)
         )
         return [r["reward"] for r in rows]
 
@@ -518,6 +531,29 @@ class ExperimentStore:
         # Only once the transaction is durable do these rows count as written.
         self._persisted_states = len(agent.q)
         agent.q.mark_clean(len(agent.q))
+
+    @_guarded
+    def record_finished(self, arch: str, reward: float, metrics: Dict[str, Any]) -> None:
+        """A model stopped early, then trained to the end: its measured result replaces the prediction.
+
+        The samples keep the reward the agent was given then (the Q-values were learnt from it);
+        the model's row now holds the measured accuracy, which later duplicates are answered with.
+        """
+        with self.conn:
+            cur = self.conn.execute(
+                "UPDATE models SET status = ?, reward = ?, metrics = ?, message = NULL, finished = ? "
+                "WHERE arch = ? AND status = ?",
+                (
+                    ModelStatus.DONE.value,
+                    reward,
+                    json.dumps(metrics, sort_keys=True),
+                    time.time(),
+                    arch,
+                    ModelStatus.STOPPED.value,
+                ),
+            )
+        if cur.rowcount != 1:
+            raise StoreError(f"{arch} is not a model stopped early in this experiment")
 
 
 def _config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> str:

@@ -119,6 +119,7 @@ class RunOutcome:
     stopped_for_nan: bool = False
     log_path: Optional[Path] = None
     stalled: bool = False
+    stopped_early: bool = False  # on_line asked for the stop (an early-stopping rule)
 
     @property
     def signal(self) -> Optional[int]:
@@ -195,14 +196,15 @@ def run_caffe(
     log_path: Path,
     timeout: Optional[float] = None,
     stop_on_nan: bool = True,
-    on_line: Optional[Callable[[LogState], None]] = None,
+    on_line: Optional[Callable[[LogState], Optional[bool]]] = None,
     env: Optional[Dict[str, str]] = None,
     stall: Optional[Stall] = None,
     iters_per_epoch: Optional[int] = None,
     epoch_seconds: Optional[float] = None,
     run_number: int = 0,
 ) -> RunOutcome:
-    """Run caffe to its end (or a stop), returning the parsed log; ``on_line`` sees every line.
+    """Run caffe to its end (or a stop), returning the parsed log; ``on_line`` sees every line
+    and stops the run by returning True (an early-stopping rule at a test line).
 
     ``epoch_seconds`` is the model's epoch time measured by an earlier run (for the watchdog
     before this run has measured its own).
@@ -267,6 +269,7 @@ def run_caffe(
         "timeout": f"# stopped: wall-clock limit of {timeout} s\n",
         "nan": "# stopped: NaN/inf loss (divergence)\n",
         "stall": "# stopped: stalled (no log line within the watchdog's limit)\n",
+        "early": "# stopped: early-stopping rule\n",
     }
     if why:
         _append_note(log_path, notes[why])
@@ -280,6 +283,7 @@ def run_caffe(
         stopped_for_nan=why == "nan",
         log_path=log_path,
         stalled=why == "stall",
+        stopped_early=why == "early",
     )
 
 
@@ -287,7 +291,7 @@ def _follow(
     proc: "subprocess.Popen[bytes]",
     tail: _Tail,
     parser: LogParser,
-    on_line: Optional[Callable[[LogState], None]],
+    on_line: Optional[Callable[[LogState], Optional[bool]]],
     t0: float,
     timeout: Optional[float],
     stop_on_nan: bool,
@@ -302,8 +306,8 @@ def _follow(
         new = tail.lines()
         for line in new:
             parser.feed(line)
-            if on_line is not None:
-                on_line(parser.state)
+            if on_line is not None and on_line(parser.state):
+                return "early"
             if stop_on_nan and parser.state.diverged:
                 return "nan"
         now = time.monotonic()
