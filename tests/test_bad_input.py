@@ -62,12 +62,32 @@ def fake_caffe(folder: Path, body: str) -> Path:
         ("schedule.steps=[[1.0]]", "schedule.steps[0] must be"),
         ("space.pool_pairs=[[2]]", "space.pool_pairs[0] must be"),
         ("space.image_size=3.5", "space.image_size must be an integer, got 3.5"),
+        ("early_stop.rule='svm'", "early_stop.rule must be one of off, svr, median, got 'svm'"),
+        ("early_stop.rule=svr", None),  # a bare word is a string: accepted
+        ("early_stop.delta=0", "early_stop.delta must be in (0, 1], got 0.0"),
+        ("early_stop.delta=1.5", "early_stop.delta must be in (0, 1]"),
+        ("early_stop.checkpoints=[5, 2]", "early_stop.checkpoints must be increasing epochs >= 1"),
+        ("early_stop.checkpoints=2", "early_stop.checkpoints must be a list of integers, got 2"),
+        ("early_stop.warmup=3", "early_stop.warmup must be >= max(3, early_stop.cv_folds = 5), got 3"),
+        ("early_stop.regressor='gp'", "early_stop.regressor must be one of"),
+        ("early_stop.kth_best=0", "early_stop.kth_best must be >= 1"),
+        ("early_stop.dleta=0.9", "unknown key early_stop.dleta"),
     ],
 )
 def test_a_bad_override_is_refused_with_its_key_named(override, message):
+    if message is None:
+        assert build_config("digits", [override]).early_stop.rule == "svr"
+        return
     with pytest.raises(ConfigError, match=None) as err:
         build_config("digits", [override])
     assert message in str(err.value)
+
+
+def test_early_stopping_checkpoints_must_leave_epochs_to_save():
+    """A checkpoint at or past the protocol's last epoch saves nothing: refused when the rule is on."""
+    with pytest.raises(ConfigError, match=r"below the protocol's 20 epochs, got \[2, 20\]"):
+        build_config("digits", ["early_stop.rule='svr'", "early_stop.checkpoints=[2, 20]"])
+    assert build_config("digits", ["early_stop.checkpoints=[2, 20]"]).early_stop.rule == "off"
 
 
 def test_failure_reward_is_a_documented_override_and_zero_stays_zero():
