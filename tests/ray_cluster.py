@@ -21,6 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 SMALL = ["--set", "schedule.steps=[[1.0, 5], [0.1, 3]]", "--set", "space.max_depth=4"]
+# "search" also runs early stopping: the fitted predictor travels to the Ray workers with each job
+# (warm-up 3; delta 0.1 stops a model unless it is predicted to beat the best with P >= 0.9)
+EARLY = [
+    "--set", "early_stop.rule='svr'", "--set", "early_stop.warmup=3", "--set", "early_stop.cv_folds=3",
+    "--set", "early_stop.delta=0.1", "--set", "early_stop.checkpoints=[1, 2]",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -87,6 +93,7 @@ def main() -> None:
             "--seed",
             "2",
             *SMALL,
+            *(EARLY if mode == "search" else []),
         ]
         search = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if mode == "kill":
@@ -120,6 +127,7 @@ def main() -> None:
                         "status": r[2],
                         "reward": r[3],
                         "worker": json.loads(r[4] or "{}").get("worker", ""),
+                        "stop_rule": json.loads(r[4] or "{}").get("stop_rule", ""),
                     }
                     for r in rows
                 ],

@@ -158,3 +158,22 @@ def test_a_search_with_early_stopping_keeps_predictions_apart_and_survives_kill_
         best_guess.reward
     ]
     one_line_error(cli("finish", "--exp", str(whole), "--model", str(measured[0].id)), "is not a model stopped early")
+
+
+def test_early_stopping_in_the_local_pool(digits_data, tmp_path):
+    """Two trainings at once: each job carries the rule built when it was launched."""
+    data, _ = digits_data
+    exp = tmp_path / "pool"
+    args = search_args(exp, data, short_protocol(tmp_path), rule="median")
+    args[args.index("schedule.steps=[[1.0, 14]]")] = "schedule.steps=[[1.0, 10]]"
+    args[args.index("early_stop.warmup=5")] = "early_stop.warmup=3"
+    args[args.index("--seed") + 1] = "5"  # a seed whose first models learn (seed 7 draws mostly GAP nets here)
+    run = cli(*args, "--workers", "2", "--set", "early_stop.cv_folds=3")
+    assert run.returncode == 0, run.stdout + run.stderr
+    models = store_models(exp)
+    assert len(models) == 10 and {m.status for m in models.values()} <= {"done", "failed", "stopped"}
+    stopped = [m for m in models.values() if m.status == "stopped"]
+    assert stopped and all(m.metrics["stop_rule"] == "median" for m in stopped)
+    for m in stopped:  # the median rule's reward is what the model reached by the checkpoint
+        curve = [acc for _, acc in m.metrics["curve"]][: m.metrics["stopped_epoch"]]
+        assert m.reward == max(curve) < m.metrics["stop_target"]

@@ -105,7 +105,7 @@ def _netns_run(mode, exp, data):
 def _check_complete(result):
     assert result["returncode"] == 0, result["output"]
     models = result["models"]
-    assert len(models) == 8 and all(m["status"] in ("done", "failed") for m in models), models
+    assert len(models) == 8 and all(m["status"] in ("done", "failed", "stopped") for m in models), models
     assert len({m["arch"] for m in models}) == 8  # one row per architecture: nothing trained twice
     fresh = [a for _, a, dup in result["samples"] if not dup]
     assert sorted(fresh) == sorted(m["arch"] for m in models)  # each result applied exactly once
@@ -117,6 +117,8 @@ def test_search_on_a_two_node_ray_cluster(tmp_path, digits_data):
     _check_complete(result)
     nodes = {m["worker"].split("ray-node ")[-1] for m in result["models"] if "ray-node" in m["worker"]}
     assert len(nodes) == 2, result["models"]  # both nodes trained models
+    stopped = [m for m in result["models"] if m["status"] == "stopped"]  # the rule shipped to the workers
+    assert stopped and all(m["stop_rule"] == "svr" and "ray-node" in m["worker"] for m in stopped), result["models"]
 
 
 def test_a_killed_ray_worker_has_its_model_completed_exactly_once(tmp_path, digits_data):
