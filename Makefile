@@ -7,6 +7,7 @@
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
 #   make chaos                kill -9 a digits search 24 times, resume, compare (not in `make test`: ~10 min)
 #   make search DATASET=svhn GPUS=0,1 TRAININGS_PER_GPU=4  four small trainings share each GPU
+#   make finish EXP=svhn FINISH_TOP=5     train the models early stopping stopped with the 5 highest predictions to the end
 #   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
 #   make device-bundle        what scripts/device-check.sh needs on a GPU machine (build/device-check)
 SHELL := /bin/bash
@@ -35,7 +36,7 @@ src_arg = $(if $(SOURCE),--source $(SOURCE),)
 set_args = $(foreach s,$(SET),--set $(s))
 
 .PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
-        test test-fast lint typecheck py38 bench chaos clean
+        test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop
 
 setup: venv caffe
 
@@ -85,6 +86,9 @@ data: setup
 
 report: venv
 	$(PY) -m metaqnn report $(if $(EXP),--exp $(EXP),--exp $(DATASET))
+
+finish: setup
+	$(PY) -m metaqnn finish --exp $(or $(EXP),$(DATASET)) --top $(or $(FINISH_TOP),5) $(gpu_arg)
 
 export: venv
 	$(PY) -m metaqnn export $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(TOP)
