@@ -241,6 +241,26 @@ def test_the_predictor_learns_the_curves():
     assert sum(e <= 2 * pred.models[5].sigma for e in errors) >= 0.8 * len(errors)
 
 
+def test_the_local_sigma_follows_the_error_of_similar_models():
+    """Low curves end anywhere, high ones where they are: the local sigma is narrow only at the top."""
+    rng = random.Random(3)
+    exs = []
+    for i in range(60):
+        start = 0.1 + 0.85 * i / 59
+        final = start + 0.3 * rng.random() if start < 0.5 else start + rng.gauss(0.0, 0.003)
+        exs.append(Example(tuple([start] * 5 + [final] * 15), info(), final))
+    local = fit_predictor(exs, (2,), "nu_svr", folds=5, seed=0)
+    flat = fit_predictor(exs, (2,), "nu_svr", folds=5, seed=0, spread="global")
+    low, high = local.predict([0.2, 0.2], info()), local.predict([0.9, 0.9], info())
+    assert high[1] < flat.models[2].sigma / 3 < low[1]
+    assert flat.predict([0.2, 0.2], info())[1] == flat.predict([0.9, 0.9], info())[1] == flat.models[2].sigma
+    assert local.models[2].neighbours == 12 and len(local.models[2].cv_means) == 60
+    # the window is the neighbours nearest the prediction: here the twelve highest held-out predictions
+    cp = local.models[2]
+    top = cp.cv_residuals[-12:]
+    assert cp.spread(cp.cv_means[-1] + 1.0) == pytest.approx(math.sqrt(sum(r * r for r in top) / 12))
+
+
 def test_a_rule_pickles_with_its_decisions():
     curves = [shape(f, r) for f in (0.1, 0.3, 0.5, 0.8, 0.9, 0.97, 0.995) for r in (1.5, 2.5)]
     for rule in (svr_rule(), build_rule(EarlyStopConfig(rule="median"), EXAMPLES, MEASURED)):
