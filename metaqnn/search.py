@@ -129,8 +129,9 @@ class Progress:
         total = self.agent.schedule.total
         eps = self.agent.epsilon if epsilon is None else epsilon
         eps = self.agent.schedule.steps[-1][0] if eps is None else eps
-        here = self.store.rewards_at(eps)
-        stats = f"best {max(here):.4f} mean {sum(here) / len(here):.4f}" if here else "no models yet"
+        here, measured = self.store.rewards_at(eps), self.store.rewards_at(eps, measured_only=True)
+        best = f"best {max(measured):.4f} " if measured else ""  # a prediction is never shown as the best
+        stats = f"{best}mean {sum(here) / len(here):.4f}" if here else "no models yet"
         eta = ""
         if done >= total:
             eta = " | done"

@@ -30,7 +30,7 @@ from qagent.agent import Agent, AgentState, Proposal
 from qagent.errors import MetaQNNError, StoreError, StoreLockedError
 from qagent.outdir import first_missing, make_output_dir, os_reason
 from qagent.space import State
-from qagent.status import TRAINED, ModelStatus
+from qagent.status import MEASURED, TRAINED, ModelStatus
 
 SCHEMA_VERSION = 1
 
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS qvalues(id INTEGER PRIMARY KEY, q BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS agent(id INTEGER PRIMARY KEY CHECK (id = 0), rng TEXT NOT NULL);
 """
 _TRAINED_SQL = ", ".join(f"'{s.value}'" for s in TRAINED)
+_MEASURED_SQL = ", ".join(f"'{s.value}'" for s in MEASURED)
 
 
 @dataclass(frozen=True)
@@ -400,11 +401,11 @@ class ExperimentStore:
         return {r["epsilon"]: r["n"] for r in rows}
 
     @_guarded
-    def rewards_at(self, epsilon: float) -> List[float]:
-        """Rewards of the unique models trained at one epsilon (for progress lines)."""
-        rows = self.conn.execute(
-            f"SELECT reward FROM models WHERE epsilon = ? AND status IN ({_TRAINED_SQL})", (epsilon,)
-        )
+    def rewards_at(self, epsilon: float, measured_only: bool = False) -> List[float]:
+        """Rewards of the unique models trained at one epsilon (for progress lines); with
+        ``measured_only``, not the predictions of models stopped early."""
+        statuses = _MEASURED_SQL if measured_only else _TRAINED_SQL
+        rows = self.conn.execute(f"SELECT reward FROM models WHERE epsilon = ? AND status IN ({statuses})", (epsilon,))
         return [r["reward"] for r in rows]
 
     def running(self) -> List[ModelRow]:
