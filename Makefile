@@ -5,6 +5,7 @@
 #   make search DATASET=svhn EXP=name GPU=0 SET="space.max_depth=8 agent.seed=3"
 #   make search DATASET=svhn GPUS=0,1,2,3          one training per GPU, all at once
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
+#   make bench-early-stop     early stopping on real digits searches + prediction quality + paper-scale simulation (~1 h)
 #   make chaos                kill -9 a digits search 24 times, resume, compare (not in `make test`: ~10 min)
 #   make search DATASET=svhn GPUS=0,1 TRAININGS_PER_GPU=4  four small trainings share each GPU
 #   make finish EXP=svhn FINISH_TOP=5     train the models early stopping stopped with the 5 highest predictions to the end
@@ -138,6 +139,15 @@ bench: setup
 CHAOS_OUT ?= /tmp/metaqnn-chaos
 chaos: setup
 	$(PY) bench/chaos_search.py --out $(CHAOS_OUT) --kills $(or $(KILLS),24)
+
+# Early stopping (issue 17), outside `make bench` (about an hour on 2 cores): real digits searches
+# with and without a rule (SEEDS), then prediction quality and paper-scale simulation on their curves.
+ES_OUT ?= build/bench-early-stop
+SEEDS ?= 1 2 3
+bench-early-stop: setup
+	$(PY) bench/bench_early_stop_search.py --seeds $(SEEDS) --out $(ES_OUT)
+	$(PY) bench/bench_early_stop.py quality --stores $(foreach s,$(SEEDS),$(ES_OUT)/base-s$(s)/store.sqlite) --out $(ES_OUT)
+	$(PY) bench/bench_early_stop.py simulate --stores $(foreach s,$(SEEDS),$(ES_OUT)/base-s$(s)/store.sqlite) --out $(ES_OUT)
 
 clean:
 	rm -rf $(VENV) .deps .pytest_cache .mypy_cache .ruff_cache
