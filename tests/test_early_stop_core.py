@@ -261,6 +261,43 @@ def test_the_local_sigma_follows_the_error_of_similar_models():
     assert cp.spread(cp.cv_means[-1] + 1.0) == pytest.approx(math.sqrt(sum(r * r for r in top) / 12))
 
 
+def test_the_local_window_is_the_nearest_held_out_predictions():
+    means = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    residuals = (0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+    def rms(*rs: float) -> float:
+        return math.sqrt(sum(r * r for r in rs) / len(rs))
+
+    cp = CheckpointModel(2, None, 9.0, 7, means, residuals, 3)
+    assert cp.spread(0.41) == pytest.approx(rms(0.5, 0.4, 0.3))  # 0.3, 0.4, 0.5
+    assert cp.spread(0.54) == pytest.approx(rms(0.4, 0.3, 0.2))  # 0.5, 0.6, then 0.4 (nearer than 0.7)
+    assert cp.spread(0.0) == pytest.approx(rms(0.7, 0.6, 0.5))  # below all: the three lowest
+    assert cp.spread(2.0) == pytest.approx(rms(0.3, 0.2, 0.1))
+    assert CheckpointModel(2, None, 9.0, 7, means, residuals, 0).spread(0.41) == 9.0  # no window: global
+    floored = CheckpointModel(2, None, 9.0, 7, means, residuals, 3, (0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0))
+    assert floored.spread(0.41) == pytest.approx(rms(0.0, 0.9, 0.0))  # the noise of the window, above its residuals
+    assert floored.spread(0.65) == pytest.approx(rms(0.3, 0.2, 0.1))
+
+
+def test_the_floored_sigma_is_never_below_the_measurement_noise():
+    """Near-identical training curves make the cross-validated residuals tiny; the noise of the
+    curves themselves (here +-0.01 from epoch to epoch) bounds the sigma from below."""
+    exs = []
+    for i in range(40):
+        level = 0.6 + 0.35 * (i // 2) / 19  # every curve twice
+        curve = shape(level, 2.0)[:10] + [level + (0.005 if k % 2 else -0.005) for k in range(10)]
+        exs.append(Example(tuple(curve), info_for(level), max(curve)))
+    local = fit_predictor(exs, (5,), "nu_svr", folds=5, seed=0, spread="local")
+    floored = fit_predictor(exs, (5,), "nu_svr", folds=5, seed=0, spread="floored")
+    probe = shape(0.9, 2.0)[:5]
+    mean_l, sigma_l = local.predict(probe, info_for(0.9))
+    mean_f, sigma_f = floored.predict(probe, info_for(0.9))
+    assert mean_l == mean_f  # the same regressor; only the spread differs
+    assert sigma_f == pytest.approx(0.01 / math.sqrt(2))  # RMS change 0.01 -> one measurement 0.0071
+    assert sigma_l < sigma_f
+    assert local.models[5].cv_noise == () and len(floored.models[5].cv_noise) == 40
+
+
 def test_a_rule_pickles_with_its_decisions():
     curves = [shape(f, r) for f in (0.1, 0.3, 0.5, 0.8, 0.9, 0.97, 0.995) for r in (1.5, 2.5)]
     for rule in (svr_rule(), build_rule(EarlyStopConfig(rule="median"), EXAMPLES, MEASURED)):

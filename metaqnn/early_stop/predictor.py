@@ -17,11 +17,16 @@ held-out R^2 on the real digits curves rises from about 0.5 to 0.99 at tau = 5).
 
 The uncertainty is *local* by default: sigma is the RMS of the cross-validated residuals of the
 training models whose held-out predictions lie nearest the new prediction (the nearest fifth,
-at least ten).  The error is far from uniform: a curve still at 0.3 after the probe may end
-anywhere, one at 0.95 ends within a point or two; one sigma for all was ten times too wide
-for the good models on the real digits curves (held-out residual RMS 0.009, sigma 0.10 at
-tau = 1), which are the only ones the rule has to judge finely.  ``spread="global"`` (the
-paper's: one sigma per checkpoint) remains for the benchmark.
+at least ten), never below the measurement noise of those same models (the RMS epoch-to-epoch
+change over the last ten epochs of their curves, over the square root of two).  The error is
+far from uniform: a curve still at 0.3 after the probe may end anywhere, one at 0.95 ends within
+a point or two; one sigma for all was ten times too wide for the good models on the real digits
+curves (held-out residual RMS 0.009, sigma 0.10 at tau = 1), which are the only ones the rule
+has to judge finely.  The floor is a final accuracy that cannot be predicted more closely than
+it is measured: a training set of near-identical curves (a search exploiting one family of
+models) can make the cross-validated residuals smaller than that (on the real digits curves it
+never binds).  ``spread="local"`` (no floor) and ``"global"`` (the paper's: one sigma per
+checkpoint) remain for the benchmark.
 """
 
 import bisect
@@ -33,7 +38,7 @@ from metaqnn.early_stop.curves import Example, ModelInfo, features
 
 REGRESSORS = ("nu_svr", "nu_svr_linear", "random_forest", "ols")
 TARGETS = ("gain", "final")  # what the regressors learn: final - best seen so far, or the final accuracy
-SPREADS = ("local", "global")  # sigma from the residuals of the nearest predictions, or of all
+SPREADS = ("floored", "local", "global")  # sigma from the residuals of the nearest predictions (floored), or of all
 LOCAL_FRACTION = 0.2  # local sigma: the nearest fifth of the training models ...
 LOCAL_MIN = 10  # ... and at least ten
 MIN_SIGMA = 1e-3  # a perfect cross-validation on few models must not claim certainty
@@ -66,7 +71,8 @@ class CheckpointModel:
 
     ``sigma`` is the RMS of all of them; with ``neighbours`` > 0 :meth:`spread` is the RMS of the
     residuals of the ``neighbours`` training models whose held-out predictions (``cv_means``,
-    sorted) lie nearest the prediction asked about.
+    sorted) lie nearest the prediction asked about, and with ``cv_noise`` (their measurement
+    noise, in the same order) never below the RMS of their noise.
     """
 
     epoch: int
@@ -76,6 +82,7 @@ class CheckpointModel:
     cv_means: Tuple[float, ...] = ()
     cv_residuals: Tuple[float, ...] = ()
     neighbours: int = 0
+    cv_noise: Tuple[float, ...] = ()
 
     def spread(self, mean: float) -> float:
         k = min(self.neighbours, len(self.cv_means))
@@ -88,7 +95,19 @@ class CheckpointModel:
                 lo -= 1
             else:
                 hi += 1
-        return max(MIN_SIGMA, math.sqrt(math.fsum(r * r for r in self.cv_residuals[lo:hi]) / k))
+        spread = math.sqrt(math.fsum(r * r for r in self.cv_residuals[lo:hi]) / k)
+        if self.cv_noise:
+            spread = max(spread, math.sqrt(math.fsum(n * n for n in self.cv_noise[lo:hi]) / k))
+        return max(MIN_SIGMA, spread)
+
+
+def measurement_noise(curve: Sequence[float], last: int = 10) -> float:
+    """The standard deviation of one accuracy measurement, from the epoch-to-epoch changes of the
+    curve's last ``last`` epochs (a plateau: each change is the difference of two noises)."""
+    tail = list(curve[-last:])
+    if len(tail) < 2:
+        return 0.0
+    return math.sqrt(math.fsum((b - a) ** 2 for a, b in zip(tail, tail[1:])) / (2 * (len(tail) - 1)))
 
 
 @dataclass(frozen=True)
@@ -140,7 +159,7 @@ def fit_predictor(
     folds: int = 5,
     seed: int = 0,
     target: str = "gain",
-    spread: str = "local",
+    spread: str = "floored",
 ) -> Predictor:
     """One regressor per checkpoint, fitted on every example; sigma from ``folds``-fold residuals."""
     import numpy as np
@@ -151,7 +170,8 @@ def fit_predictor(
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     if spread not in SPREADS:
         raise ValueError(f"unknown spread {spread!r}; known: {', '.join(SPREADS)}")
-    neighbours = max(LOCAL_MIN, math.ceil(LOCAL_FRACTION * len(examples))) if spread == "local" else 0
+    neighbours = max(LOCAL_MIN, math.ceil(LOCAL_FRACTION * len(examples))) if spread != "global" else 0
+    noise = [measurement_noise(e.curve) for e in examples] if spread == "floored" else []
     models: Dict[int, CheckpointModel] = {}
     for epoch in checkpoints:
         xs, ys = design(examples, epoch, target)
@@ -170,5 +190,6 @@ def fit_predictor(
             tuple(means[i] for i in order),
             tuple(residuals[i] for i in order),
             neighbours,
+            tuple(noise[i] for i in order) if noise else (),
         )
     return Predictor(models, regressor, target)
