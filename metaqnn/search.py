@@ -130,8 +130,8 @@ class Progress:
         eps = self.agent.epsilon if epsilon is None else epsilon
         eps = self.agent.schedule.steps[-1][0] if eps is None else eps
         here, measured = self.store.rewards_at(eps), self.store.rewards_at(eps, measured_only=True)
-        best = f"best {max(measured):.4f} " if measured else ""  # a prediction is never shown as the best
-        stats = f"{best}mean {sum(here) / len(here):.4f}" if here else "no models yet"
+        best = f"{max(measured):.4f}" if measured else "-"  # a prediction or failure reward is no best accuracy
+        stats = f"best {best} mean {sum(here) / len(here):.4f}" if here else "no models yet"
         eta = ""
         if done >= total:
             eta = " | done"

@@ -174,7 +174,8 @@ def test_progress_lines_show_the_epsilon_of_the_model_they_report(tmp_path):
         agent = Agent(cfg.space, cfg.schedule, cfg.agent)
         executor = InlineExecutor(lambda p: synthetic.synthetic_result(p.arch))
         search_loop(agent, store, executor, lambda p, _id: p, Progress(agent, store, lines.append))
-    pattern = re.compile(r"^\[(\d+)/12\] eps (\S+) \((best [\d.]+ mean [\d.]+)\)( \| done)? \| #\d+ eps (\S+) ")
+    # "best -": no measured accuracy yet at this epsilon (a failure reward is not one)
+    pattern = re.compile(r"^\[(\d+)/12\] eps (\S+) \((best (?:[\d.]+|-) mean [\d.]+)\)( \| done)? \| #\d+ eps (\S+) ")
     parsed = [pattern.match(line) for line in lines]
     assert len(lines) == 12 and all(parsed), lines
     assert all(m.group(2) == m.group(5) for m in parsed)  # the line's epsilon is the reported model's
