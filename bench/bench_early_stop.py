@@ -44,26 +44,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from metaqnn.config import build_config  # the digits preset's 134-model schedule
 from metaqnn.early_stop.curves import Example, epochs_trained, example_from_metrics
 from metaqnn.early_stop.predictor import REGRESSORS, SPREADS, TARGETS, fit_predictor
 from metaqnn.early_stop.rules import EarlyStopConfig, PredictorCache, build_rule
+from qagent.schedule import PAPER_SCHEDULE  # Table 2: 2,700 models
 
 EPOCHS = 20  # the search protocol's training epochs
 TAUS = (1, 2, 5, 10)  # the probe epoch, then 10%, 25%, 50% of 20 epochs
-TABLE2 = [  # the paper's epsilon schedule: (epsilon, models), 2,700 models in all
-    (1.0, 1500),
-    (0.9, 100),
-    (0.8, 100),
-    (0.7, 100),
-    (0.6, 150),
-    (0.5, 150),
-    (0.4, 150),
-    (0.3, 150),
-    (0.2, 150),
-    (0.1, 150),
-]
-# presets/digits.toml [schedule]: the same shape, 134 models
-DIGITS = [(1.0, 50), (0.9, 8), (0.8, 8), (0.7, 8), (0.6, 10), (0.5, 10), (0.4, 10), (0.3, 10), (0.2, 10), (0.1, 10)]
 
 
 # ---------------------------------------------------------------- the recorded models
@@ -506,7 +494,10 @@ def parse_checkpoints(text: str) -> Tuple[int, ...]:
 
 
 def scaled_schedule(scale: float, name: str = "paper") -> List[Tuple[float, int]]:
-    return [(eps, max(1, round(n * scale))) for eps, n in (TABLE2 if name == "paper" else DIGITS)]
+    return [
+        (eps, max(1, round(n * scale)))
+        for eps, n in (PAPER_SCHEDULE if name == "paper" else build_config("digits").schedule.steps)
+    ]
 
 
 def real_drift(recs: Sequence[Recorded]) -> Dict[str, Any]:
