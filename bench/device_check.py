@@ -1,8 +1,9 @@
 """The Python side of scripts/device-check.sh (issue 14): GPU Caffe checked on a real GPU.
 
-Runs with the GPU machine's own Python (3.12, torch cu130, numpy) plus the pure-Python packages
-of the bundle (``make device-bundle``): no network, no project venv.  Each subcommand prints a
-few lines and writes a JSON under ``--out``:
+Runs with the GPU machine's own Python (3.10 to 3.13; there 3.12 with torch cu130, numpy, h5py)
+plus the packages of the bundle (``make device-bundle``): no network, no project venv.  Each
+subcommand prints a few lines and writes a small JSON under ``--out``; its bulky folders (model
+folders, the synthetic LMDB) go under ``--work`` (default: ``--out``):
 
   preflight     imports, Caffe's schema from the bundled libcaffe, the bundled nets and data
   parity        one fixed net and seed on the digits LMDBs, one epoch, in CPU or GPU mode;
@@ -52,7 +53,33 @@ def _nets(published: Path) -> List[Path]:
 # -- preflight --------------------------------------------------------------------------------
 
 
+def _missing_modules() -> List[str]:
+    import importlib.util
+
+    hints = {"numpy": "numpy", "h5py": "h5py", "lmdb": "lmdb (the bundle has wheels for CPython 3.10-3.13)"}
+    hints.update({"google.protobuf": "protobuf", "jinja2": "jinja2"})
+    if sys.version_info < (3, 11):
+        hints["tomli"] = "tomli"
+    missing = []
+    for name, hint in hints.items():
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(hint)
+    return missing
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
+    missing = _missing_modules()
+    if missing:
+        print(
+            f"preflight: python {sys.version.split()[0]} ({sys.executable}) lacks {', '.join(missing)}: "
+            "install what is missing there, or set PYTHON to a Python that has it all",
+            file=sys.stderr,
+        )
+        return 1
     from google.protobuf import text_format
 
     from metaqnn.caffe.schema import load_schema
@@ -62,12 +89,14 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     for net in _nets(args.published):
         text_format.Merge(net.read_text(), pb.NetParameter())
     manifest = json.loads((args.data / "manifest.json").read_text())
+    import h5py
     import lmdb
-    import numpy  # noqa: F401  (the machine's own: not in the bundle)
+    import numpy  # (the machine's own, like h5py: not in the bundle)
 
     print(
         f"python {sys.version.split()[0]}: schema ok ({len(_nets(args.published))} SVHN nets parse), "
-        f"digits {manifest['sets']['train']['count']} train images, lmdb {lmdb.__version__}"
+        f"digits {manifest['sets']['train']['count']} train images, lmdb {lmdb.__version__}, "
+        f"numpy {numpy.__version__}, h5py {h5py.__version__}"
     )
     return 0
 
@@ -87,7 +116,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from metaqnn.config import build_config
     from metaqnn.export import render_model
 
-    folder = args.out / f"parity-{args.mode}"
+    folder = args.work / f"parity-{args.mode}"
     config = build_config("digits", [], None)
     render_model(config, PARITY_ARCH, folder, manifest_dir=args.data)
     manifest = json.loads((args.data / "manifest.json").read_text())
@@ -172,7 +201,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from metaqnn.caffe.schema import load_schema
 
     pb = load_schema()
-    path = args.out / "synth32.lmdb"
+    path = args.work / "synth32.lmdb"
     if (path / "data.mdb").exists():
         print(f"synth: {path} exists")
         return 0
@@ -189,8 +218,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed_folder(out: Path, net: Path, tag: str, data: Path) -> Path:
-    folder = out / "speed" / tag
+def _speed_folder(work: Path, net: Path, tag: str, data: Path) -> Path:
+    folder = work / "speed" / tag
     folder.mkdir(parents=True, exist_ok=True)
     text = net.read_text()
     for name in ("train.lmdb", "val.lmdb"):
@@ -216,14 +245,14 @@ def _iters_per_sec(state: Any) -> Optional[float]:
 def cmd_speed(args: argparse.Namespace) -> int:
     nets = _nets(args.published)
     caffe = str(_caffe())
-    data = args.out / "synth32.lmdb"
+    data = args.work / "synth32.lmdb"
     results: Dict[str, Any] = {}
     for k in args.k:
         # K=1: each net alone; K>1: K trainings at once, the nets taken in turn
         groups = [[n] for n in nets] if k == 1 else [[nets[i % len(nets)] for i in range(k)]]
         per_net: List[Tuple[str, Optional[float]]] = []
         for group in groups:
-            folders = [_speed_folder(args.out, n, f"k{k}_{j}_{n.stem}", data) for j, n in enumerate(group)]
+            folders = [_speed_folder(args.work, n, f"k{k}_{j}_{n.stem}", data) for j, n in enumerate(group)]
             with cf.ThreadPoolExecutor(max_workers=len(folders)) as pool:
                 futures = [
                     pool.submit(
@@ -255,10 +284,11 @@ def cmd_speed(args: argparse.Namespace) -> int:
                 f"{per_hour:.2f} models/hour at {SVHN_SEARCH_EPOCHS} epochs each"
             )
         else:
-            print(f"speed K={k}: no measurement (see {args.out / 'speed'})")
+            print(f"speed K={k}: no measurement (see {args.work / 'speed'})")
         results[str(k)] = row
-    _write(args.out, "speed.json", results)
-    return 0
+        _write(args.out, "speed.json", results)  # after each packing level: a cut-off run keeps the levels done
+        sys.stdout.flush()
+    return 0 if any("mean_epoch_s" in row for row in results.values()) else 1
 
 
 # -- the PyTorch anchor ------------------------------------------------------------------------
@@ -308,8 +338,12 @@ def cmd_torch(args: argparse.Namespace) -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda:0")
-    speed = json.loads((args.out / "speed.json").read_text()).get("1", {}).get("per_net", {})
-    results: Dict[str, Any] = {}
+    speed: Dict[str, Optional[float]] = {}
+    try:  # Caffe's figures at one training per GPU, where the speed step got that far
+        speed = json.loads((args.out / "speed.json").read_text()).get("1", {}).get("per_net", {})
+    except (OSError, ValueError) as e:
+        print(f"torch: no Caffe figures to compare with ({e.__class__.__name__}: {e}); PyTorch's alone")
+    results: Dict[str, Any] = {"torch_version": torch.__version__}
     ratios = []
     for net in _nets(args.published):
         model = _torch_net(net).to(dev)
@@ -334,22 +368,27 @@ def cmd_torch(args: argparse.Namespace) -> int:
         results[net.stem] = {"torch_iters_per_s": rate, "caffe_iters_per_s": caffe_rate, "caffe_over_torch": ratio}
         print(
             f"torch {net.stem}: {SVHN_EPOCH_ITERS / rate:.0f} s per epoch (fp32, cuDNN); "
-            + (f"Caffe {SVHN_EPOCH_ITERS / caffe_rate:.0f} s: ratio {ratio:.2f}" if ratio else "no Caffe figure")
+            + (
+                f"Caffe {SVHN_EPOCH_ITERS / caffe_rate:.0f} s: ratio {ratio:.2f}"
+                if caffe_rate and ratio
+                else "no Caffe figure"
+            )
         )
+        _write(args.out, "torch.json", results)  # after each net: a cut-off run keeps the nets done
         del model, opt
         torch.cuda.empty_cache()
     if ratios:
         print(
             f"torch: Caffe's epoch time / PyTorch's, geometric mean over the SVHN nets: {statistics.geometric_mean(ratios):.2f}"
         )
-    results["torch_version"] = torch.__version__
     _write(args.out, "torch.json", results)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the small JSON results")
+    parser.add_argument("--work", type=Path, help="model folders and the synthetic LMDB (default: --out)")
     parser.add_argument("--data", type=Path, help="the digits LMDBs (with manifest.json)")
     parser.add_argument("--published", type=Path, help="the published Caffe files (prototxt/svhn_*.prototxt)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -366,6 +405,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("torch")
     p.add_argument("--seconds", type=float, default=4)
     args = parser.parse_args(argv)
+    if args.work is None:
+        args.work = args.out
     commands = {
         "preflight": cmd_preflight,
         "parity": cmd_parity,

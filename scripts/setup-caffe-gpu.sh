@@ -31,10 +31,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${1:-${METAQNN_CAFFE_GPU_PREFIX:-$here/.deps/caffe-gpu}}
 mirror=${METAQNN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 keyring=${METAQNN_DEBIAN_KEYRING:-/usr/share/keyrings/debian-archive-keyring.gpg}
-archs=${GPU_ARCHS:-80 90}
-ptx=${GPU_PTX-90}
-jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-cuda_home=${CUDA_HOME:-}
 python=${PYTHON:-python3}
 # CUDA 13 wheels that work together (checked 2026-11): one tree, nvidia/cu13.
 cuda_wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
@@ -45,8 +41,31 @@ patches=("$here"/patches/caffe-gpu/*.patch)
 say() { echo "setup-caffe-gpu: $*"; }
 die() { echo "setup-caffe-gpu: error: $*" >&2; exit 1; }
 
-archs=$(echo "$archs" | tr ',;' '  ' | xargs)
-ptx=$(echo "$ptx" | tr ',;' '  ' | xargs)
+# --- every value and precondition is checked here, before anything is deleted or fetched --------
+# A variable that is set but blank is refused (it would silently mean the default).
+blank() { [ -n "${!1+set}" ] && [ -z "$(echo "${!1}" | tr -d '[:space:]')" ]; }
+blank GPU_ARCHS && die "GPU_ARCHS is blank: give compute capabilities like \"80 90\", or unset it for the default"
+blank GPU_PTX && die "GPU_PTX is blank: give compute capabilities like \"90\", GPU_PTX=none for no PTX, or unset it for the default"
+blank JOBS && die "JOBS is blank: give a positive number of parallel compile jobs, or unset it for one per core"
+blank CUDA_HOME && die "CUDA_HOME is blank: point it at a CUDA toolkit (11.8 or newer), or unset it for CUDA 13 from PyPI"
+words() { local -a w; read -ra w <<<"$(printf '%s' "$1" | tr ',;\n\t' '    ')"; echo "${w[*]}"; }
+archs=$(words "${GPU_ARCHS:-80 90}")
+ptx=$(words "${GPU_PTX:-90}")
+[ -n "$archs" ] || die "GPU_ARCHS is blank: give compute capabilities like \"80 90\", or unset it for the default"
+[ -n "$ptx" ] || die "GPU_PTX is blank: give compute capabilities like \"90\", GPU_PTX=none for no PTX, or unset it for the default"
+if [ "$ptx" = none ]; then ptx=""; fi
+for a in $archs $ptx; do
+  [[ $a =~ ^[1-9][0-9]{1,2}$ ]] \
+    || die "GPU_ARCHS/GPU_PTX must be compute capabilities without dots, like \"80 90\" (got '$a')"
+done
+jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive integer (got '$jobs')"
+cuda_home=${CUDA_HOME:-}
+if [ -z "$cuda_home" ]; then  # CUDA 13 from PyPI: known before anything is fetched
+  for a in $archs $ptx; do
+    [ "$a" -ge 75 ] || die "CUDA 13 (the default, from PyPI) cannot build for compute capability $a (it supports 75 and newer): drop it from GPU_ARCHS/GPU_PTX or use CUDA_HOME with CUDA 12"
+  done
+fi
 patch_sum=$(cat "${patches[@]}" | sha256sum | cut -c1-12)
 stamp_text="caffe-1.0 gpu bullseye toolkit=${cuda_home:-pypi-cuda13.0} archs=$archs ptx=$ptx patches=$patch_sum v1"
 
@@ -57,7 +76,15 @@ if [ -f "$prefix/.complete" ] && [ "$(cat "$prefix/.complete")" = "$stamp_text" 
 fi
 start=$(date +%s)
 
-# --- preconditions (each a one-line error) -----------------------------------
+# The prefix and its work folder PREFIX.partial must be creatable and writable.
+work="$prefix.partial"
+parent=$(dirname "$prefix")
+while [ ! -e "$parent" ]; do parent=$(dirname "$parent"); done
+[ -d "$parent" ] && [ -w "$parent" ] || die "cannot create $prefix: $parent is not a writable folder (set METAQNN_CAFFE_GPU_PREFIX or give another PREFIX)"
+for d in "$prefix" "$work"; do
+  [ ! -e "$d" ] || { [ -d "$d" ] && [ -w "$d" ]; } || die "$d exists and is not a writable folder"
+done
+
 [ "$(uname -s)" = Linux ] || die "unsupported OS $(uname -s): the GPU build needs Debian/Ubuntu on Linux x86-64"
 [ "$(uname -m)" = x86_64 ] || die "unsupported architecture $(uname -m): the GPU build is x86-64 only"
 for tool in apt-get dpkg-deb dpkg-source patch cmake make; do
@@ -71,32 +98,50 @@ host_cc=${CUDA_HOST_CC:-${host_cxx%++}cc}
 command -v "$host_cc" >/dev/null || host_cc=${host_cxx/g++/gcc}
 command -v "$host_cc" >/dev/null || die "no C compiler next to $host_cxx: apt-get install gcc (or set CUDA_HOST_CC)"
 cxx_major=$("$host_cxx" -dumpversion | cut -d. -f1)
-for a in $archs $ptx; do
-  [[ $a =~ ^[0-9]+$ ]] || die "GPU_ARCHS/GPU_PTX must be compute capabilities without dots, like \"80 90\" (got '$a')"
-done
-[ -n "$archs" ] || die "GPU_ARCHS is empty: give at least one compute capability, like \"80 90\""
+
+# The toolkit: the user's (its nvcc says which CUDA), or CUDA 13.0 from PyPI (needs pip).
+if [ -n "$cuda_home" ]; then
+  [ -x "$cuda_home/bin/nvcc" ] || die "CUDA_HOME=$cuda_home has no bin/nvcc: point it at a CUDA toolkit (11.8 or newer)"
+  cuda_version=$("$cuda_home/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')
+  [ -n "$cuda_version" ] || die "cannot read the CUDA version from $cuda_home/bin/nvcc --version"
+else
+  command -v "$python" >/dev/null || die "$python not found: pip is needed to fetch CUDA 13 from PyPI (or set CUDA_HOME)"
+  "$python" -m pip --version >/dev/null 2>&1 || die "$python has no pip: apt-get install python3-pip (or set CUDA_HOME)"
+  cuda_version=13.0
+fi
+cuda_major=${cuda_version%%.*}
+cuda_minor=${cuda_version#*.}
+if [ "$cuda_major" -lt 11 ] || { [ "$cuda_major" -eq 11 ] && [ "${cuda_minor%%.*}" -lt 8 ]; }; then
+  die "unsupported CUDA toolkit $cuda_version at $cuda_home: need 11.8 or newer (sm_80/sm_90)"
+fi
+if [ "$cuda_major" -ge 13 ]; then
+  for a in $archs $ptx; do
+    [ "$a" -ge 75 ] || die "CUDA $cuda_version cannot build for compute capability $a (13.x supports 75 and newer): drop it from GPU_ARCHS/GPU_PTX or use CUDA_HOME with CUDA 12"
+  done
+fi
+if [ "$cuda_major" -eq 11 ] && [ "$cxx_major" -gt 11 ]; then
+  die "CUDA $cuda_version needs g++ 11 or older as host compiler ($host_cxx is $cxx_major): apt-get install g++-11 and set CUDA_HOST_CXX=g++-11"
+fi
 
 # --- toolkit -------------------------------------------------------------------
-# An interrupted or failed build with the same settings resumes in its folder (make is incremental).
-work="$prefix.partial"
+# An interrupted or failed build with the same settings resumes in its folder (make is incremental);
+# one with other settings is removed (only now, after every check above has passed).
 resume=0
 if [ -f "$work/.stamp" ] && [ "$(cat "$work/.stamp")" = "$stamp_text" ] && [ -f "$work/build/CMakeCache.txt" ] \
    && [ -f "$work/.sources-ready" ]; then
   resume=1
   say "resuming the unfinished build in $work"
-else
+elif [ -e "$work" ]; then
+  say "removing the unfinished build in $work (other settings: $(cat "$work/.stamp" 2>/dev/null || echo unknown))"
   rm -rf "$work"
 fi
 mkdir -p "$work/bin" "$work/lib" "$work/libexec" "$work/root"
 echo "$stamp_text" > "$work/.stamp"
 if [ -n "$cuda_home" ]; then
-  [ -x "$cuda_home/bin/nvcc" ] || die "CUDA_HOME=$cuda_home has no bin/nvcc: point it at a CUDA toolkit (11.8 or newer)"
   toolkit=$cuda_home
   cuda_libdir=$cuda_home/lib64
   [ -d "$cuda_libdir" ] || cuda_libdir=$cuda_home/lib
 else
-  command -v "$python" >/dev/null || die "$python not found: pip is needed to fetch CUDA 13 from PyPI (or set CUDA_HOME)"
-  "$python" -m pip --version >/dev/null 2>&1 || die "$python has no pip: apt-get install python3-pip (or set CUDA_HOME)"
   [ "$resume" = 1 ] || say "fetching CUDA 13 from PyPI (~1 GB on disk)"
   [ "$resume" = 1 ] || "$python" -m pip install -q --disable-pip-version-check --no-deps --target "$work/cuda" "${cuda_wheels[@]}" \
     >"$work/pip.log" 2>&1 \
@@ -109,21 +154,8 @@ else
     ln -sfn "$l" "$toolkit/lib/${l%%.so.*}.so"
   done
   cuda_libdir=$toolkit/lib
-fi
-cuda_version=$("$toolkit/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')
-[ -n "$cuda_version" ] || die "cannot read the CUDA version from $toolkit/bin/nvcc --version"
-cuda_major=${cuda_version%%.*}
-cuda_minor=${cuda_version#*.}
-if [ "$cuda_major" -lt 11 ] || { [ "$cuda_major" -eq 11 ] && [ "${cuda_minor%%.*}" -lt 8 ]; }; then
-  die "unsupported CUDA toolkit $cuda_version at $toolkit: need 11.8 or newer (sm_80/sm_90)"
-fi
-if [ "$cuda_major" -ge 13 ]; then
-  for a in $archs $ptx; do
-    [ "$a" -ge 75 ] || die "CUDA $cuda_version cannot build for compute capability $a (13.x supports 75 and newer): drop it from GPU_ARCHS/GPU_PTX or use CUDA_HOME with CUDA 12"
-  done
-fi
-if [ "$cuda_major" -eq 11 ] && [ "$cxx_major" -gt 11 ]; then
-  die "CUDA $cuda_version needs g++ 11 or older as host compiler ($host_cxx is $cxx_major): apt-get install g++-11 and set CUDA_HOST_CXX=g++-11"
+  cuda_version=$("$toolkit/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')
+  [ -n "$cuda_version" ] || die "cannot read the CUDA version from $toolkit/bin/nvcc --version"
 fi
 say "toolkit: CUDA $cuda_version ($toolkit), arches sm_${archs// /,sm_}${ptx:+ + PTX $ptx}, host $host_cxx"
 
@@ -173,7 +205,8 @@ build=$work/build
 export LD_LIBRARY_PATH="$multi:$work/root/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # protoc
 ptx_flag=()
 [ -n "$ptx" ] && ptx_flag=(-DCUDA_ARCH_PTX="$ptx")
-cmake -S "$work/src/caffe" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+# CMAKE_POLICY_VERSION_MINIMUM: CMake 4 refuses Caffe's cmake_minimum_required(2.8.7) without it.
+cmake -S "$work/src/caffe" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
   -DCMAKE_C_COMPILER="$host_cc" -DCMAKE_CXX_COMPILER="$host_cxx" \
   -DCPU_ONLY=OFF -DUSE_CUDNN=OFF -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=ON -DUSE_NCCL=OFF \
   -DBUILD_python=OFF -DBUILD_python_layer=OFF -DBUILD_matlab=OFF -DBUILD_docs=OFF -DBUILD_SHARED_LIBS=ON \
@@ -233,6 +266,8 @@ mkdir -p "$work/logs"
 mv "$work/configure.log" "$work/build.log" "$work/logs/"
 rm -rf "$build" "$work/src" "$work/apt" "$work/pip.log"
 rm -rf "$work/root/usr/include" "$work/root/usr/share/doc" "$work/root/usr/share/man"
+# What the runtime never loads: static archives and libnvvm (about 64 MB).
+find "$work" \( -name '*.a' -o -name 'libnvvm*' \) \( -type f -o -type l \) -delete
 
 "$work/bin/caffe" --version >/dev/null 2>&1 || die "the built caffe does not run: $("$work/bin/caffe" --version 2>&1 | tail -1)"
 missing=$(LD_LIBRARY_PATH="$work/lib:$multi/openblas-pthread:$multi:$work/root/lib/x86_64-linux-gnu:$cuda_libdir" \

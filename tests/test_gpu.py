@@ -307,3 +307,140 @@ def test_trainings_per_gpu_needs_gpus_and_a_positive_k(tmp_path):
             timeout=120,
         )
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and fragment in out.stderr, out.stderr
+
+
+# -- the prepared GPU check (scripts/device-check.sh, bench/device_check.py), issue 24 ----------
+
+
+def _device_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_check", ROOT / "bench" / "device_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_check_writes_speed_json_after_each_packing_level(tmp_path, monkeypatch):
+    dc = _device_check_module()
+    nets = tmp_path / "published" / "prototxt"
+    nets.mkdir(parents=True)
+    for name in ("svhn_0", "svhn_1"):
+        (nets / f"{name}.prototxt").write_text('layer { name: "data" data_param { source: "train.lmdb" } }\n')
+    rows = [{"NumIters": i, "Seconds": 0.1 * i} for i in range(0, 50, 10)]
+    seen = []
+
+    def fake_run(argv, cwd, log, timeout, env=None):
+        k = int(Path(cwd).name.split("_")[0][1:])
+        if k == 4:  # the machine is taken back in the middle of K=4
+            raise KeyboardInterrupt
+        seen.append(k)
+        state = types.SimpleNamespace(train_rows=rows, out_of_memory=False)
+        return types.SimpleNamespace(state=state, returncode=0)
+
+    monkeypatch.setattr(dc, "_run", fake_run)
+    monkeypatch.setattr(dc, "_caffe", lambda: Path("/bin/true"))
+    out, work = tmp_path / "out", tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        dc.main(
+            [
+                "--out",
+                str(out),
+                "--work",
+                str(work),
+                "--published",
+                str(tmp_path / "published"),
+                "speed",
+                "--k",
+                "1",
+                "2",
+                "4",
+            ]
+        )
+    import json
+
+    speed = json.loads((out / "speed.json").read_text())
+    assert sorted(speed) == ["1", "2"] and speed["1"]["per_net"] == {"svhn_0": 10.0, "svhn_1": 10.0}
+    assert speed["2"]["mean_epoch_s"] == pytest.approx(dc.SVHN_EPOCH_ITERS / 10.0)
+    assert (work / "speed").is_dir() and not (out / "speed").exists()  # model folders stay out of $OUT
+
+
+def test_device_check_preflight_names_what_this_python_lacks(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    dc = _device_check_module()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("h5py", "lmdb") else real(name, *a)
+    )
+    assert dc.main(["--out", str(tmp_path), "preflight"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks h5py, lmdb (the bundle has wheels for CPython 3.10-3.13)" in err
+
+
+def _fake_bundle(tmp_path, caffe, digits_data, broken=False):
+    """A bundle for the CPU half of the check: the CPU caffe stands in for the GPU build."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    for d in ("caffe/bin", "caffe/lib", "caffe/libexec", "pylib", "published/prototxt", "data"):
+        (bundle / d).mkdir(parents=True, exist_ok=True)
+    wrapper = bundle / "caffe" / "bin" / "caffe"
+    wrapper.write_text(f'#!/bin/sh\nexec "{caffe.binary}" "$@"\n')
+    wrapper.chmod(0o755)
+    (bundle / "caffe" / "libexec" / "caffe").symlink_to("/bin/sh")  # what its ldd check reads
+    root = Path(caffe.binary).resolve().parent.parent  # the schema comes from the bundle's libcaffe
+    for lib in sorted(root.glob("root/usr/lib/x86_64-linux-gnu/libcaffe.so*")) + sorted(root.glob("lib/libcaffe*.so*")):
+        (bundle / "caffe" / "lib" / lib.name).symlink_to(lib)
+    for net in sorted((ROOT.parent / "shared" / "reference" / "published-caffe" / "prototxt").glob("svhn_*.prototxt")):
+        shutil.copy(net, bundle / "published" / "prototxt")
+    data = bundle / "data" / "digits"
+    if broken:
+        shutil.copytree(digits_data[0], data)
+        mdb = data / "train.lmdb" / "data.mdb"
+        mdb.write_bytes(mdb.read_bytes()[:4096])
+    else:
+        data.symlink_to(digits_data[0])
+    return bundle
+
+
+def _run_device_check(tmp_path, bundle):
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has an NVIDIA driver: the dry run is for machines without one")
+    except OSError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("CAFFE_BIN", "CAFFE_ROOT", "PYTHONPATH")}
+    env.update(PYTHON=sys.executable, DEVICE_BUNDLE=str(bundle), OUT=str(tmp_path / "out"))
+    env["DEVICE_CHECK_WORK"] = str(tmp_path / "work")
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "device-check.sh")], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    out = tmp_path / "out"
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files  # what comes back from $OUT
+    return proc, (out / "device-check" / "summary.txt").read_text()
+
+
+def test_device_check_dry_run_without_a_gpu_passes_its_cpu_half(tmp_path, caffe, digits_data):
+    import tarfile
+
+    proc, summary = _run_device_check(tmp_path, _fake_bundle(tmp_path, caffe, digits_data))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no GPU" in proc.stdout and "step 0 passed" in proc.stdout
+    assert "step preflight: ok" in summary and "step parity-cpu: ok" in summary
+    assert "result: step 0 passed, no GPU" in summary and len(summary.splitlines()) < 40
+    out = tmp_path / "out" / "device-check"
+    assert (out / "parity-cpu.json").is_file()
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"logs/parity-cpu.log", "logs/preflight.log", "parity-cpu/train.log"} <= set(tar.getnames())
+
+
+def test_device_check_reports_a_failed_cpu_parity_without_a_gpu(tmp_path, caffe, digits_data):
+    proc, summary = _run_device_check(tmp_path, _fake_bundle(tmp_path, caffe, digits_data, broken=True))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "step 0 FAILED" in proc.stdout and "step parity-cpu: FAILED" in summary
+    assert "result: step 0 FAILED" in summary
