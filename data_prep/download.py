@@ -8,6 +8,7 @@ dataset hosts; the tests serve files from a loopback HTTP server.)
 """
 
 import hashlib
+import os
 import sys
 import tarfile
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from data_prep.sources import DataError
+from qagent.outdir import first_missing
 
 CHUNK = 1 << 20
 
@@ -141,6 +143,25 @@ def _unpack_cifar(archive: Path, dest: Path) -> None:
         raise DataError(f"{archive}: corrupt archive ({exc})") from None
 
 
+def _kept(part: Path, created: Optional[Path]) -> str:
+    """After a failed fetch: keep a partial file that has bytes (and say so), else leave nothing behind."""
+    try:
+        if part.stat().st_size > 0:
+            return f" (partial file kept for resuming: {part.name}, {part.stat().st_size} bytes)"
+        part.unlink()
+    except OSError:
+        pass  # no partial file
+    if created is not None:  # the folders this call made, while empty (files fetched before stay)
+        for folder in [part.parent, *part.parent.parents]:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            if folder == created:
+                break
+    return " (no partial file: nothing of it was downloaded)"
+
+
 def download(
     dataset: str, dest: Path, resources: Optional[Sequence[Resource]] = None, log: Callable[[str], None] = print
 ) -> Path:
@@ -148,7 +169,13 @@ def download(
         if dataset not in RESOURCES:
             raise DataError(f"nothing to download for {dataset!r}; downloadable: {', '.join(sorted(RESOURCES))}")
         resources = RESOURCES[dataset]
-    dest.mkdir(parents=True, exist_ok=True)
+    created = first_missing(dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataError(f"cannot create download folder {dest}: it, or a folder above it, is a file") from None
+    except OSError as exc:
+        raise DataError(f"cannot create download folder {dest}: {os.strerror(exc.errno or 0).lower()}") from None
     for r in resources:
         final = dest / r.name
         if final.exists() and md5_of(final) == r.md5:
@@ -163,7 +190,7 @@ def download(
                 except (urllib.error.URLError, OSError, DataError) as exc:
                     errors.append(f"{url}: {exc}")
             else:
-                raise DataError(f"could not download {r.name} (partial file kept for resuming): " + "; ".join(errors))
+                raise DataError(f"could not download {r.name}{_kept(part, created)}: " + "; ".join(errors))
             got = md5_of(part)
             if got != r.md5:
                 part.unlink()

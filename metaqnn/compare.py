@@ -31,14 +31,21 @@ class CompareError(MetaQNNError):
 def load_caffe_file(path: Path) -> Tuple[str, Any]:
     """('net' | 'solver', message) -- a file that is neither is an error naming the parser's complaint."""
     pb = load_schema()
+    path = Path(path)
+    if path.is_dir():
+        raise CompareError(f"{path} is a directory, not a prototxt")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO (reading it would wait forever), a socket
+        raise CompareError(f"{path} is not a regular file (a device, FIFO or socket), not a prototxt")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise CompareError(f"{path} is not a text prototxt (it holds binary data)") from None
     except IsADirectoryError:
         raise CompareError(f"{path} is a directory, not a prototxt") from None
     except OSError as exc:
         raise CompareError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise CompareError(f"{path} is empty, neither a Caffe net nor a solver")
     errors = []
     for kind, cls in (("net", pb.NetParameter), ("solver", pb.SolverParameter)):
         msg = cls()
@@ -49,6 +56,9 @@ def load_caffe_file(path: Path) -> Tuple[str, Any]:
             continue
         if kind == "net" and not msg.layer:
             errors.append("as net: no layers")
+            continue
+        if kind == "solver" and not msg.ListFields():  # only comments: parses, but as nothing
+            errors.append("as solver: no fields set")
             continue
         return kind, msg
     raise CompareError(f"{path} is neither a Caffe net nor a solver ({'; '.join(errors)})")

@@ -259,7 +259,14 @@ def check_fields(cls: type, values: Mapping[str, Any], section: str) -> Dict[str
         if word == "unlimited" and value == 0 and not isinstance(value, bool):
             raise ConfigError(f"{section}.{name} = 0 is ambiguous: write {word!r} for no limit, or a positive value")
         kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+        if _is_seed(name) and isinstance(kwargs[name], int) and kwargs[name] < 0:
+            raise ConfigError(f"{section}.{name} must be an integer >= 0, got {kwargs[name]}")
     return kwargs
+
+
+def _is_seed(name: str) -> bool:
+    """A seed field (``seed``, ``split_seed``, ...): seeds are integers >= 0, like ``--seed``."""
+    return name == "seed" or name.endswith("_seed")
 
 
 def build_section(cls: Type[T], values: Mapping[str, Any], section: str) -> T:

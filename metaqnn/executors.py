@@ -15,9 +15,17 @@ models in flight, results applied as they arrive.
 """
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from metaqnn.packing import GpuPool, is_oom, on_gpu, packing_levels, run_packed
 from qagent.errors import MetaQNNError
@@ -107,6 +115,155 @@ def _ray_train(job: Any, run: Callable[[Any], Any], use_gpu: bool) -> Any:
     return result
 
 
+RAY_CONNECT_TIMEOUT = 30.0  # seconds for the probe and ray.init together: an unreachable cluster is one line
+RAY_PROBE_TIMEOUT = 5.0  # seconds for the TCP connection to the head's GCS port
+_NO_PROBE = {"auto", "local"}  # addresses ray.init resolves itself (the current cluster, a new local one)
+
+
+def ray_endpoint(address: str) -> Optional[Tuple[str, int]]:
+    """(host, port) of a Ray address ('10.0.0.1:6379', 'ray://head:10001', '[::1]:6379'); None for auto/local.
+
+    A malformed address is an :class:`ExecutorError` naming it.
+    """
+    text = address.strip()
+    if text.lower() in _NO_PROBE:
+        return None
+    rest = text[len("ray://") :] if text.startswith("ray://") else text
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ExecutorError(
+            f"--ray takes the address of a running Ray cluster, HOST:PORT (the head's GCS port, "
+            f"`ray start --head --port`), ray://HOST:PORT or auto; got {address!r}"
+        )
+    return host, int(port)
+
+
+def probe_ray(address: str, timeout: float = RAY_PROBE_TIMEOUT) -> None:
+    """A TCP connection to the cluster's address within ``timeout`` s, or one :class:`ExecutorError` line."""
+    endpoint = ray_endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror as exc:
+        raise ExecutorError(f"cannot connect to the Ray cluster at {address}: unknown host {host!r} ({exc})") from None
+    except socket.timeout:
+        raise ExecutorError(
+            f"cannot connect to the Ray cluster at {address}: no answer within {timeout:g} s "
+            "(a firewall, or a host that is down?)"
+        ) from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ExecutorError(
+            f"cannot connect to the Ray cluster at {address}: {reason} "
+            f"(nothing listens on port {port} of {host}: is `ray start --head --port={port}` running there?)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str) -> Iterator[Dict[str, bool]]:
+    """Point file descriptor 2 at ``path`` (Ray's C++ core writes its warnings there) for the block.
+
+    If the block sets ``state["hung"]`` (a thread that may still write is left behind), fd 2 stays
+    on the file and Python's ``sys.stderr`` moves to a copy of the real stderr instead.
+    """
+    state = {"hung": False}
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2: nothing to protect
+        yield state
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield state
+    finally:
+        if state["hung"]:
+            sys.stderr = open(saved, "w", buffering=1, closefd=True)  # noqa: SIM115 -- the process's stderr now
+        else:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*(?:[\w.]+:\d+:\s*)?|^\S+ \S+\s+\w+ [\w.]+:\d+ -- ")
+
+
+def _last_ray_line(path: str) -> str:
+    """Ray's last complaint in the captured stderr, without its timestamp and source-file prefix."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = [ln.strip() for ln in fh if ln.strip()]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if "SIGTERM handler" in line:
+            continue
+        return _LOG_PREFIX.sub("", line)[:240]
+    return ""
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorError(
+            "--ray needs the ray package: pip install 'ray>=2.9' (or `pip install -e .[ray]`)"
+        ) from None
+    return ray
+
+
+def connect_ray(address: str, timeout: float = RAY_CONNECT_TIMEOUT, probe: bool = True) -> Any:
+    """Connect this process to the running Ray cluster at ``address``; returns the ``ray`` module.
+
+    Bounded: the address is probed first (a TCP connection, :func:`probe_ray`; ``probe=False``
+    skips it), then ``ray.init`` runs with ``timeout`` seconds in all; an unreachable or silent cluster is one
+    :class:`ExecutorError` line and Ray's own warnings never reach the terminal.  Connecting again
+    (``RayExecutor`` after the search connected early) does nothing.  Call it before creating
+    anything that an unreachable cluster should not leave behind.
+    """
+    ray = import_ray()
+    if getattr(ray, "is_initialized", lambda: False)():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    start = time.monotonic()
+    if probe:
+        probe_ray(address, min(RAY_PROBE_TIMEOUT, timeout))
+    outcome: Dict[str, BaseException] = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, ignore_reinit_error=True, logging_level=logging.ERROR, log_to_driver=False)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    with tempfile.TemporaryDirectory(prefix="metaqnn-ray-") as tmp:
+        captured = os.path.join(tmp, "stderr")
+        with _stderr_to(captured) as state:
+            worker = threading.Thread(target=init, name="ray-connect", daemon=True)
+            worker.start()
+            worker.join(max(0.1, timeout - (time.monotonic() - start)))
+            state["hung"] = worker.is_alive()
+        said = _last_ray_line(captured)
+    if state["hung"]:
+        raise ExecutorError(
+            f"cannot connect to the Ray cluster at {address}: no answer within {timeout:g} s"
+            + (f" (ray: {said})" if said else "")
+            + "; is it the head's GCS port (`ray start --head --port=...`), and can this machine reach "
+            "the address the head advertises?"
+        )
+    if "error" in outcome:
+        exc = outcome["error"]
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ExecutorError(f"cannot connect to the Ray cluster at {address}: {text[:400]}")
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))  # what ray.init sets on the main thread
+    return ray
+
+
 class RayExecutor:
     """Ray tasks; ``address`` as for ``ray.init`` (a running cluster), e.g. '127.0.0.1:6379'."""
 
@@ -120,17 +277,9 @@ class RayExecutor:
         max_retries: int = 3,
         per_gpu: int = 1,
     ) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise ExecutorError(
-                "--ray needs the ray package: pip install 'ray>=2.9' (or `pip install -e .[ray]`)"
-            ) from None
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
-            ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=False)
-        except Exception as exc:
-            raise ExecutorError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+        # The search connects (with the probe) before it creates the experiment; connected already,
+        # this returns at once, else it is still bounded by RAY_CONNECT_TIMEOUT.
+        ray = connect_ray(address, probe=False)
         self._ray = ray
         resources = ray.cluster_resources()
         capacity = int(resources.get("GPU", 0) * per_gpu) if use_gpu else int(resources.get("CPU", 0) // cpus_per_trial)

@@ -46,6 +46,53 @@ def test_missing_schema_is_a_clear_error(tmp_path, monkeypatch):
         schema.load_schema.cache_clear()
 
 
+def _wrapper(folder, real):
+    """What users do to add environment or a profiler: a script that execs the real caffe."""
+    folder.mkdir()
+    path = folder / "caffe"
+    path.write_text(f'#!/bin/sh\nMY_PROFILER=1 exec {real} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_wrapper_script_as_caffe_bin_finds_its_schema_through_caffe_schema_or_caffe_root(caffe, tmp_path):
+    from commandline import cli, one_line_error
+
+    wrapper = _wrapper(tmp_path / "wrap", caffe.binary)
+    env = {"CAFFE_BIN": str(wrapper), "CAFFE_ROOT": "", "CAFFE_SCHEMA": ""}
+    line = one_line_error(cli("caffe-info", env=env, timeout=120), "Caffe protobuf schema not found")
+    assert "CAFFE_SCHEMA" in line and "caffe_pb2.py, caffe.proto or libcaffe.so" in line and str(wrapper) in line
+    cands = caffe.schema_candidates()
+    so = next(p for p in cands if ".so" in p.name)
+    py = next(p for p in cands if p.suffix == ".py")
+    for extra in ({"CAFFE_SCHEMA": str(so)}, {"CAFFE_SCHEMA": str(py)}, {"CAFFE_ROOT": str(caffe.root)}):
+        ok = cli("caffe-info", env={**env, **extra}, timeout=120)
+        assert ok.returncode == 0, (extra, ok.stderr)
+        assert f"caffe: {wrapper} (CAFFE_BIN), caffe version 1.0.0" in ok.stdout, ok.stdout
+        assert f"schema: descriptor from {extra.get('CAFFE_SCHEMA') or py}" in ok.stdout, ok.stdout
+    missing = one_line_error(
+        cli("caffe-info", env={**env, "CAFFE_SCHEMA": str(tmp_path / "nope.py")}, timeout=120), "CAFFE_SCHEMA="
+    )
+    assert "does not exist" in missing
+    one_line_error(cli("caffe-info", env={**env, "CAFFE_SCHEMA": str(wrapper)}, timeout=120), "no usable Caffe schema")
+
+
+def test_a_search_runs_end_to_end_through_a_wrapper_script(caffe, tmp_path, digits_data):
+    from commandline import cli
+
+    data, _ = digits_data
+    wrapper = _wrapper(tmp_path / "wrap", caffe.binary)
+    env = {"CAFFE_BIN": str(wrapper), "CAFFE_ROOT": "", "CAFFE_SCHEMA": str(caffe.root)}
+    tiny = ["--set", "schedule.steps=[[1.0, 1]]", "--set", "space.max_depth=2"]
+    exp = tmp_path / "exp"
+    ok = cli("search", "--exp", str(exp), "--data-dir", str(data), "--max-models", "1", *tiny, env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"caffe {wrapper} (CAFFE_BIN" in ok.stdout and (exp / "store.sqlite").is_file()
+    assert list((exp / "models").glob("*/train*.log"))  # the wrapper trained it
+    rendered = cli("render", "--arch", "[C(8,3,1), SM(10)]", "--out", str(tmp_path / "r"), env=env)
+    assert rendered.returncode == 0, rendered.stderr
+
+
 def test_caffe_binary_runs(caffe):
     out = subprocess.run([str(caffe.binary), "--version"], capture_output=True, text=True, timeout=60, check=True)
     assert "caffe version 1.0.0" in out.stdout + out.stderr

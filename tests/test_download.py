@@ -107,3 +107,27 @@ def test_cifar_archive_is_unpacked_safely(server, tmp_path):
     )
     assert (tmp_path / "src" / "data_batch_3.bin").read_bytes() == b"data_batch_3.bin"
     assert not (tmp_path / "evil.bin").exists()
+
+
+def test_a_failed_download_says_partial_file_kept_only_when_there_is_one(server, tmp_path):
+    """No network (here: a port nothing listens on, and a 404): no partial file, so none is promised."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connection refused
+    RangeHandler.FILES = {}
+    RangeHandler.CUT = 0
+    dest = tmp_path / "new" / "source"
+    res = [Resource("train_32x32.mat", (f"{dead}/train_32x32.mat", f"{server}/train_32x32.mat"), md5(b"x"))]
+    with pytest.raises(DataError) as err:
+        download("svhn", dest, res, log=lambda _m: None)
+    assert "partial file" not in str(err.value).replace("no partial file", "")
+    assert "no partial file" in str(err.value) and "train_32x32.mat" in str(err.value)
+    assert not (tmp_path / "new").exists()  # the folders it made for nothing are gone
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "a.mat.part").write_bytes(b"half")  # an earlier interrupted run
+    with pytest.raises(DataError, match=r"partial file kept for resuming: a\.mat\.part, 4 bytes"):
+        download("svhn", kept, [Resource("a.mat", (f"{dead}/a.mat",), md5(b"x"))], log=lambda _m: None)
+    assert (kept / "a.mat.part").read_bytes() == b"half"

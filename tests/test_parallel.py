@@ -144,3 +144,56 @@ def test_an_exception_in_a_ray_training_stops_the_search_and_records_nothing(tmp
     assert "InjectedFault" in result["output"] and "Traceback" not in result["output"]
     assert result["models"] and all(m["status"] == "running" for m in result["models"]), result["models"]
     assert not result["samples"]  # no reward was learned from the broken set-up
+
+
+# --- an unreachable Ray cluster: one line, soon, and nothing created (issue 24) --------------
+
+
+@pytest.mark.slow  # runs the command line in a subprocess
+def test_an_unreachable_ray_cluster_is_one_line_soon_and_creates_nothing(tmp_path):
+    from commandline import cli, one_line_error
+
+    exp = tmp_path / "r"
+    start = time.monotonic()
+    result = cli(
+        "search", "--dataset", "digits", "--exp", str(exp), "--ray", "127.0.0.1:1", "--max-models", "1", timeout=60
+    )
+    line = one_line_error(result, "cannot connect to the Ray cluster at 127.0.0.1:1")
+    assert time.monotonic() - start < 30 and "connection refused" in line
+    assert not exp.exists()
+    one_line_error(cli("search", "--exp", str(exp), "--ray", "head-host"), "--ray takes the address")
+    assert not exp.exists()
+
+
+@pytest.mark.slow  # imports ray and waits for the bound
+def test_a_cluster_address_that_never_answers_is_bounded(tmp_path):
+    """A port that accepts connections but never speaks Ray's protocol: ray.init alone would wait for minutes."""
+    import socket
+
+    code = (
+        "import sys\n"
+        "from metaqnn.executors import ExecutorError, connect_ray\n"
+        "try:\n"
+        "    connect_ray(sys.argv[1], timeout=4)\n"
+        "except ExecutorError as exc:\n"
+        "    print('error:', exc, file=sys.stderr)\n"
+        "    raise SystemExit(2)\n"
+    )
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-c", code, address],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        )
+        took = time.monotonic() - start
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no answer within 4 s" in lines[0], out.stderr  # Ray's own warnings held back
+    assert took < 60, took

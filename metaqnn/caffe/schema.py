@@ -20,7 +20,14 @@ from typing import Any, List, Optional, Tuple
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from metaqnn.caffe.locate import CaffeNotFoundError, find_caffe
+from metaqnn.caffe.locate import (
+    SCHEMA_ENV,
+    SCHEMA_HINT,
+    CaffeNotFoundError,
+    find_caffe,
+    root_candidates,
+    schema_override,
+)
 from qagent.errors import MetaQNNError
 
 
@@ -138,35 +145,74 @@ def _pycaffe() -> Optional[Any]:
     return caffe_pb2
 
 
+_CANDIDATE_ERRORS = (
+    SchemaNotFoundError,
+    OSError,
+    subprocess.SubprocessError,
+    SyntaxError,
+    DecodeError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
+
+
+def schema_from_file(path: Path) -> SimpleNamespace:
+    """The message classes out of one candidate: a caffe_pb2.py, a caffe.proto, or a binary (libcaffe)."""
+    if path.suffix == ".py":
+        blob = descriptor_from_pb2_source(path)
+    elif path.suffix == ".proto":
+        blob = descriptor_from_proto(path)
+    else:
+        blob = descriptor_from_binary(path)
+    ns = classes_from_descriptor(blob)
+    ns.source = str(path)
+    return ns
+
+
+def _named_schema(named: Path) -> SimpleNamespace:
+    """CAFFE_SCHEMA: that file (or the candidates in that folder), and nothing else -- it is the user's word."""
+    if not named.exists():
+        raise SchemaNotFoundError(f"{SCHEMA_ENV}={named} does not exist; {SCHEMA_HINT}")
+    files = root_candidates(named) if named.is_dir() else [named]
+    if not files:
+        raise SchemaNotFoundError(f"{SCHEMA_ENV}={named} is a folder with no caffe_pb2.py, caffe.proto or libcaffe.so")
+    reasons = []
+    for path in files:
+        try:
+            return schema_from_file(path)
+        except _CANDIDATE_ERRORS as exc:
+            reasons.append(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    raise SchemaNotFoundError(f"{SCHEMA_ENV}={named} holds no usable Caffe schema ({'; '.join(reasons)[:400]})")
+
+
 @lru_cache(maxsize=1)
 def load_schema() -> Any:
-    """caffe_pb2-like namespace with NetParameter, SolverParameter, Datum, ... classes."""
+    """caffe_pb2-like namespace with NetParameter, SolverParameter, Datum, ... classes.
+
+    ``CAFFE_SCHEMA`` (a caffe_pb2.py, caffe.proto or libcaffe.so, or a Caffe folder) wins; then
+    pycaffe when importable; then the files around the Caffe that :func:`find_caffe` finds.
+    """
+    named = schema_override()
+    if named is not None:
+        return _named_schema(named)
     pb2 = _pycaffe()
     if pb2 is not None:
         return pb2
     searched: List[str] = ["pycaffe (import caffe.proto.caffe_pb2)"]
     try:
-        candidates = find_caffe().schema_candidates()
+        caffe = find_caffe()
     except CaffeNotFoundError as exc:
-        raise SchemaNotFoundError(f"Caffe schema not found: {exc}") from None
-    for path in candidates:
+        raise SchemaNotFoundError(f"Caffe schema not found: {exc}; or {SCHEMA_HINT}") from None
+    for path in caffe.schema_candidates():
         searched.append(str(path))
         try:
-            if path.suffix == ".py":
-                blob = descriptor_from_pb2_source(path)
-            elif path.suffix == ".proto":
-                blob = descriptor_from_proto(path)
-            else:
-                blob = descriptor_from_binary(path)
-            return classes_from_descriptor(blob)
-        except (
-            SchemaNotFoundError,
-            OSError,
-            subprocess.SubprocessError,
-            SyntaxError,
-            DecodeError,
-            KeyError,
-            TypeError,
-        ):
+            return schema_from_file(path)
+        except _CANDIDATE_ERRORS:
             continue  # a damaged or foreign candidate: try the next one, do not stop the search
-    raise SchemaNotFoundError("Caffe protobuf schema not found; searched: " + ", ".join(searched))
+    roots = ", ".join(f"{r}/" for r in caffe.roots())
+    raise SchemaNotFoundError(
+        f"Caffe protobuf schema not found for {caffe.binary} ({caffe.origin}); searched: "
+        + ", ".join(searched)
+        + f" and the Caffe folders {roots}: {SCHEMA_HINT}"
+    )
