@@ -8,8 +8,14 @@ ensemble: the softmax outputs of the top finetuned models on the test set are av
           a copy of each finetune net with a Softmax ``prob`` layer is run by Caffe's own
           ``extract_features`` tool (TEST phase, the test LMDB in order), which writes one Datum of
           class probabilities per image; we average them and score against the test labels.
+
+Both export the store's current top k first and work on exactly those rank folders, chosen by
+model id (``metaqnn.export.export_models``), never by sorting folder names: an export folder
+may hold what an older ranking left (issue 24).  A finetune result is reused only for the same
+model id and the same exported solver and net.
 """
 
+import csv
 import hashlib
 import json
 import math
@@ -28,7 +34,7 @@ from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.caffe.schema import load_schema
 from metaqnn.experiment import STORE_NAME, experiment_data_dir, model_dir
-from metaqnn.export import export_top
+from metaqnn.export import export_models, kept_weights, result_json_check
 from metaqnn.lrschedule import RateSchedule, finetune_problems
 from qagent.errors import MetaQNNError
 from qagent.store import ExperimentStore
@@ -45,10 +51,24 @@ class FinetuneError(MetaQNNError):
     pass
 
 
-def _exported(exp_dir: Path, top: int, include_predicted: bool = False) -> List[Path]:
-    out = exp_dir / "export"
-    export_top(exp_dir, top, out, include_predicted=include_predicted)
-    return sorted(p for p in out.iterdir() if p.is_dir())[:top]
+def _exported(exp_dir: Path, top: int, include_predicted: bool = False, log: Any = print) -> List[Path]:
+    """The rank folders of the store's current top ``top`` models, exported now, in rank order.
+
+    Chosen by the model id the store ranks, never by the folder names: what ``<exp>/export``
+    held before (an older ranking, a ``--include-predicted`` export) is no part of it.  A folder
+    whose metadata.json disagrees with the ranking is refused rather than trained or averaged.
+    """
+    exported = export_models(exp_dir, top, exp_dir / "export", include_predicted=include_predicted)
+    for line in exported.lines:
+        if line.startswith("warning: "):
+            log(line)
+    for model, folder in zip(exported.models, exported.folders):
+        meta = _metadata(folder)
+        if meta.get("model_id") != model.id:
+            raise FinetuneError(f"{folder} does not hold model {model.id} of the current ranking")
+        if meta.get("reward_kind") == "predicted" and not include_predicted:
+            raise FinetuneError(f"{folder} holds a model stopped early: it is ranked only with --include-predicted")
+    return exported.folders
 
 
 def _solver_message(path: Path) -> Any:
@@ -98,9 +118,21 @@ def _inputs_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _own_result(folder: Path, result: Dict[str, Any]) -> bool:
+    """A finetune result is this folder's model's: the same model id (older results: the same architecture)."""
+    meta = _metadata(folder)
+    if "model_id" in result:
+        return bool(result["model_id"] == meta.get("model_id"))
+    return bool(result.get("arch") == meta.get("arch"))
+
+
 def _finetuned(folder: Path) -> bool:
+    """Finetuned with the current inputs, and for the model the folder holds."""
     done = folder / "finetune.json"
-    return done.exists() and json.loads(done.read_text()).get("inputs_sha256") == _inputs_digest(folder)
+    if not done.exists():
+        return False
+    result = json.loads(done.read_text())
+    return result.get("inputs_sha256") == _inputs_digest(folder) and _own_result(folder, result)
 
 
 def search_weights_test_accuracy(
@@ -111,10 +143,12 @@ def search_weights_test_accuracy(
     Beside the search's validation accuracy this separates what finetuning does from how much
     harder the test set is than the validation set for the same weights.
     """
-    it = _metadata(folder).get("best_iteration")
-    weights = search_dir / "snapshots" / f"model_iter_{it}.caffemodel"
-    if it is None or not weights.exists():
+    meta = _metadata(folder)
+    model_id = meta.get("model_id") if isinstance(meta.get("model_id"), int) else None
+    kept = kept_weights(search_dir, meta.get("best_iteration"), result_json_check(str(meta.get("arch")), model_id))
+    if kept.path is None:  # none kept, or the folder is not this model's: nothing to test
         return None
+    weights = kept.path.resolve()
     batches = _solver_message(folder / "solver_finetune.prototxt").test_iter[0]
     argv = [str(caffe.binary), "test", "-model", "finetune_net.prototxt", "-weights", str(weights)]
     argv += ["-iterations", str(batches)] + ([f"-gpu={gpu}"] if gpu is not None else [])
@@ -137,11 +171,17 @@ def finetune_model(
     """
     done = folder / "finetune.json"
     digest = _inputs_digest(folder)
-    if done.exists():  # a model finished with this solver and net is not trained again
+    if done.exists():  # the same model finished with this solver and net is not trained again
         previous: Dict[str, Any] = json.loads(done.read_text())
-        if previous.get("inputs_sha256") == digest:
+        if not _own_result(folder, previous):
+            log(f"finetune: {folder.name} holds another model's finetune result: training it again")
+        elif previous.get("inputs_sha256") != digest:
+            log(f"finetune: {folder.name} was finetuned with another solver or net: training it again")
+        else:
+            if previous.get("model") != folder.name:  # the model moved to another rank since
+                previous["model"] = folder.name
+                done.write_text(json.dumps(previous, indent=1))
             return previous
-        log(f"finetune: {folder.name} was finetuned with another solver or net: training it again")
         done.unlink()
     for stale in folder.glob("test_prob.lmdb"):  # the ensemble's probabilities of older weights
         shutil.rmtree(stale)
@@ -159,6 +199,7 @@ def finetune_model(
     last_iter = int(o.state.test_rows[-1]["NumIters"])
     result: Dict[str, Any] = {
         "model": folder.name,
+        "model_id": _metadata(folder).get("model_id"),
         "arch": (folder / "arch.txt").read_text().strip(),
         "validation_accuracy": _metadata(folder).get("validation_accuracy"),
         "search_weights_test_accuracy": None
@@ -188,14 +229,25 @@ def finetune(
         ensure_gpu_ready(caffe)
     return [
         finetune_model(folder, caffe, gpu, timeout, log, model_dir(exp_dir, _metadata(folder)["model_id"]))
-        for folder in _exported(exp_dir, top, include_predicted)
+        for folder in _exported(exp_dir, top, include_predicted, log)
     ]
 
 
+def _ranked_folders(export: Path) -> List[Path]:
+    """The rank folders of the last export (summary.csv), else every folder (an export before summary.csv)."""
+    summary = export / "summary.csv"
+    if summary.exists():
+        with open(summary, newline="") as fh:
+            return [export / row["folder"] for row in csv.DictReader(fh) if row.get("folder")]
+    return sorted(p for p in export.iterdir() if p.is_dir()) if export.is_dir() else []
+
+
 def finetuned_results(exp_dir: Path) -> List[Dict[str, Any]]:
-    """The finetune results under ``<exp>/export``, by rank (older results get their validation accuracy here)."""
+    """The finetune results of the last export's ranking, by rank (older results get their validation accuracy here)."""
     out = []
-    for done in sorted((exp_dir / "export").glob("*/finetune.json")):
+    for done in (folder / "finetune.json" for folder in _ranked_folders(exp_dir / "export")):
+        if not done.exists():
+            continue
         result = dict(json.loads(done.read_text()))
         if result.get("validation_accuracy") is None:
             result["validation_accuracy"] = _metadata(done.parent).get("validation_accuracy")
@@ -315,7 +367,7 @@ def ensemble_of(folders: List[Path], labels: Any, gpu: Optional[int] = None, log
         p = np.array([list(datum.FromString(v).float_data) for _, v in iter_lmdb(out)])[:n]
         probs.append(p)
         acc = float(np.mean(p.argmax(1) == labels))
-        singles.append({"model": folder.name, "test_accuracy": acc})
+        singles.append({"model": folder.name, "model_id": _metadata(folder).get("model_id"), "test_accuracy": acc})
         accs.append(acc)
         log(f"{folder.name}: test error {100 * (1 - acc):.2f}%")
     mean = np.mean(probs, axis=0)
@@ -334,12 +386,20 @@ def test_labels(exp_dir: Path) -> Any:
 def ensemble(
     exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print, include_predicted: bool = False
 ) -> Dict[str, Any]:
+    """The ensemble of exactly the store's current top ``top`` models, each finetuned; else a refusal."""
     labels = test_labels(exp_dir)
-    folders = [f for f in _exported(exp_dir, top, include_predicted) if _finetuned(f)]
+    folders = _exported(exp_dir, top, include_predicted, log)
+    flag = " --include-predicted" if include_predicted else ""
     if len(folders) < top:
         raise FinetuneError(
-            f"only {len(folders)} of the top {top} models are finetuned with the current protocol: "
-            "run `make finetune` first"
+            f"the experiment ranks only {len(folders)} models, fewer than --top {top}"
+            + ("" if include_predicted else " (models stopped early count with --include-predicted)")
+        )
+    missing = [f.name for f in folders if not _finetuned(f)]
+    if missing:
+        raise FinetuneError(
+            f"{len(missing)} of the top {top} models are not finetuned with the current protocol "
+            f"({', '.join(missing)}): run `metaqnn finetune --top {top}{flag}` (make finetune) first"
         )
     summary = ensemble_of(folders, labels, gpu, log)
     (exp_dir / "export" / "ensemble.json").write_text(json.dumps(summary, indent=1))
