@@ -29,12 +29,19 @@ PUBLISHED ?= ../shared/reference/published-caffe
 # Inside a conda env the venv must see conda's pycaffe/caffe packages.
 VENV_FLAGS ?= $(if $(CONDA_PREFIX),--system-site-packages,)
 
-exp_arg = $(if $(EXP),--exp $(EXP),)
-gpu_arg = $(if $(GPU),--gpu $(GPU),)
-par_args = $(if $(GPUS),--gpus $(GPUS),) $(if $(WORKERS),--workers $(WORKERS),) $(if $(RAY),--ray $(RAY),) \
-           $(if $(TRAININGS_PER_GPU),--trainings-per-gpu $(TRAININGS_PER_GPU),)
-src_arg = $(if $(SOURCE),--source $(SOURCE),)
-set_args = $(foreach s,$(SET),--set $(s))
+# Every value a user gives (EXP, DATASET, GPUS, SET items, FILE, ...) reaches the shell through q:
+# one single-quoted word, its own quotes escaped, so `EXP="my exp"` is one argument and
+# `EXP='a;echo X'` runs nothing.  SET and PROTOCOL_SET are split on spaces first, each item quoted.
+q = '$(subst ','\'',$(1))'
+exp_arg = $(if $(EXP),--exp $(call q,$(EXP)),)
+exp_or_dataset = --exp $(call q,$(or $(EXP),$(DATASET)))
+gpu_arg = $(if $(GPU),--gpu $(call q,$(GPU)),)
+par_args = $(if $(GPUS),--gpus $(call q,$(GPUS)),) $(if $(WORKERS),--workers $(call q,$(WORKERS)),) \
+           $(if $(RAY),--ray $(call q,$(RAY)),) \
+           $(if $(TRAININGS_PER_GPU),--trainings-per-gpu $(call q,$(TRAININGS_PER_GPU)),)
+src_arg = $(if $(SOURCE),--source $(call q,$(SOURCE)),)
+set_args = $(foreach s,$(SET),--set $(call q,$(s)))
+dataset_arg = --dataset $(call q,$(DATASET))
 
 .PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
         test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop
@@ -55,14 +62,15 @@ caffe:
 	else scripts/setup-caffe.sh; fi
 
 # Caffe 1.0 for NVIDIA GPUs in a private prefix (.deps/caffe-gpu); never touches system packages.
-#   GPU_ARCHS="80 90" GPU_PTX=90 (defaults), CUDA_HOME=/usr/local/cuda-12.x for the user's own toolkit,
-#   JOBS=N parallel compile jobs.  A no-op when already built with the same settings.
+#   GPU_ARCHS="80 90" GPU_PTX=90 (defaults; GPU_PTX=none: no PTX), CUDA_HOME=/usr/local/cuda-12.x for the user's own
+#   toolkit, JOBS=N parallel compile jobs; a value given here is passed on quoted, even blank (and refused).
+#   A no-op when already built with the same settings.
 caffe-gpu:
-	@$(if $(GPU_ARCHS),GPU_ARCHS="$(GPU_ARCHS)") $(if $(GPU_PTX),GPU_PTX="$(GPU_PTX)") \
-	  $(if $(JOBS),JOBS=$(JOBS)) $(if $(CUDA_HOME),CUDA_HOME="$(CUDA_HOME)") scripts/setup-caffe-gpu.sh
+	@$(foreach v,GPU_ARCHS GPU_PTX JOBS CUDA_HOME,$(if $(filter command line,$(origin $(v))),$(v)='$(subst ','\'',$($(v)))')) \
+	  scripts/setup-caffe-gpu.sh
 
 # What scripts/device-check.sh needs on a GPU machine without network (build/device-check, <= 60 MiB):
-# the GPU caffe + libcaffe + small non-CUDA libraries (reference BLAS), Python 3.12 wheels, digits LMDBs.
+# the GPU caffe + libcaffe + small non-CUDA libraries (reference BLAS), wheels for Python 3.10-3.13, digits LMDBs.
 device-bundle: caffe-gpu
 	scripts/make-device-bundle.sh
 
@@ -74,40 +82,40 @@ demo: setup
 	$(PY) -m metaqnn report $(exp_arg)
 
 search: setup
-	$(PY) -m metaqnn search --dataset $(DATASET) $(exp_arg) $(gpu_arg) $(par_args) $(src_arg) $(set_args)
+	$(PY) -m metaqnn search $(dataset_arg) $(exp_arg) $(gpu_arg) $(par_args) $(src_arg) $(set_args)
 
 status: venv
-	$(PY) -m metaqnn status $(if $(EXP),--exp $(EXP),--exp $(DATASET))
+	$(PY) -m metaqnn status $(exp_or_dataset)
 
 download: venv
-	$(PY) -m metaqnn download --dataset $(DATASET)
+	$(PY) -m metaqnn download $(dataset_arg)
 
 data: setup
-	$(PY) -m metaqnn prepare --dataset $(DATASET) $(src_arg) $(set_args)
+	$(PY) -m metaqnn prepare $(dataset_arg) $(src_arg) $(set_args)
 
 report: venv
-	$(PY) -m metaqnn report $(if $(EXP),--exp $(EXP),--exp $(DATASET))
+	$(PY) -m metaqnn report $(exp_or_dataset)
 
 finish: setup
-	$(PY) -m metaqnn finish --exp $(or $(EXP),$(DATASET)) --top $(or $(FINISH_TOP),5) $(gpu_arg)
+	$(PY) -m metaqnn finish $(exp_or_dataset) --top $(call q,$(or $(FINISH_TOP),5)) $(gpu_arg)
 
 export: venv
-	$(PY) -m metaqnn export $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(TOP)
+	$(PY) -m metaqnn export $(exp_or_dataset) --top $(call q,$(TOP))
 
 finetune: setup
-	$(PY) -m metaqnn finetune $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(TOP) $(gpu_arg)
+	$(PY) -m metaqnn finetune $(exp_or_dataset) --top $(call q,$(TOP)) $(gpu_arg)
 
 ensemble: setup
-	$(PY) -m metaqnn ensemble $(if $(EXP),--exp $(EXP),--exp $(DATASET)) --top $(or $(ENSEMBLE_TOP),5) $(gpu_arg)
+	$(PY) -m metaqnn ensemble $(exp_or_dataset) --top $(call q,$(or $(ENSEMBLE_TOP),5)) $(gpu_arg)
 
 compare: venv
-	$(PY) -m metaqnn compare $(A) $(B) $(if $(IGNORE_PATHS),--ignore-paths,)
+	$(PY) -m metaqnn compare $(call q,$(A)) $(call q,$(B)) $(if $(IGNORE_PATHS),--ignore-paths,)
 
 regenerate-check: venv
-	$(PY) -m metaqnn regenerate-check $(FILE) --dataset $(DATASET) $(foreach s,$(PROTOCOL_SET),--protocol-set $(s))
+	$(PY) -m metaqnn regenerate-check $(call q,$(FILE)) $(dataset_arg) $(foreach s,$(PROTOCOL_SET),--protocol-set $(call q,$(s)))
 
 arch: venv
-	$(PY) -m metaqnn arch $(FILE)
+	$(PY) -m metaqnn arch $(call q,$(FILE))
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -122,12 +130,12 @@ py38: venv
 	$(VENV)/bin/vermin --no-tips --violations --eval-annotations -t=3.8- metaqnn_errors.py qagent metaqnn data_prep bench tests
 
 test: setup lint typecheck py38
-	METAQNN_PUBLISHED=$(PUBLISHED) $(PY) -m pytest -q tests
+	METAQNN_PUBLISHED=$(call q,$(PUBLISHED)) $(PY) -m pytest -q tests
 
 # The edit-test loop: everything that runs no caffe and takes no more than seconds (under a minute).
 # CI (`make test`) runs everything.
 test-fast: venv
-	METAQNN_PUBLISHED=$(PUBLISHED) $(PY) -m pytest -q -m "not caffe and not slow" tests
+	METAQNN_PUBLISHED=$(call q,$(PUBLISHED)) $(PY) -m pytest -q -m "not caffe and not slow" tests
 
 bench: setup
 	$(PY) bench/bench_agent.py
@@ -138,16 +146,18 @@ bench: setup
 # Crash consistency under SIGKILL (issue 11): slower than the CI suite, so outside `make test`.
 CHAOS_OUT ?= /tmp/metaqnn-chaos
 chaos: setup
-	$(PY) bench/chaos_search.py --out $(CHAOS_OUT) --kills $(or $(KILLS),24)
+	$(PY) bench/chaos_search.py --out $(call q,$(CHAOS_OUT)) --kills $(call q,$(or $(KILLS),24))
 
 # Early stopping (issue 17), outside `make bench` (about an hour on 2 cores): real digits searches
 # with and without a rule (SEEDS), then prediction quality and paper-scale simulation on their curves.
 ES_OUT ?= build/bench-early-stop
 SEEDS ?= 1 2 3
 bench-early-stop: setup
-	$(PY) bench/bench_early_stop_search.py --seeds $(SEEDS) --out $(ES_OUT)
-	$(PY) bench/bench_early_stop.py quality --stores $(foreach s,$(SEEDS),$(ES_OUT)/base-s$(s)/store.sqlite) --out $(ES_OUT)
-	$(PY) bench/bench_early_stop.py simulate --stores $(foreach s,$(SEEDS),$(ES_OUT)/base-s$(s)/store.sqlite) --out $(ES_OUT)
+	$(PY) bench/bench_early_stop_search.py --seeds $(foreach s,$(SEEDS),$(call q,$(s))) --out $(call q,$(ES_OUT))
+	$(PY) bench/bench_early_stop.py quality --stores $(foreach s,$(SEEDS),$(call q,$(ES_OUT)/base-s$(s)/store.sqlite)) \
+	  --out $(call q,$(ES_OUT))
+	$(PY) bench/bench_early_stop.py simulate --stores $(foreach s,$(SEEDS),$(call q,$(ES_OUT)/base-s$(s)/store.sqlite)) \
+	  --out $(call q,$(ES_OUT))
 
 clean:
 	rm -rf $(VENV) .deps .pytest_cache .mypy_cache .ruff_cache

@@ -72,23 +72,50 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _exp_dir(args: argparse.Namespace, default: str) -> Path:
+    """--exp as a folder: a path (holds a '/' or starts with '.') or a name under experiments/.
+
+    A symlink loop or an over-long name is one line (:func:`metaqnn.exp_path.resolved_path`).
+    """
+    from metaqnn.exp_path import resolved_path
     from metaqnn.experiment import default_exp_dir
 
+    if args.exp is not None and not args.exp.strip():
+        from qagent.errors import ConfigError
+
+        raise ConfigError("--exp is empty: give an experiment name or a path")
     if args.exp and ("/" in args.exp or args.exp.startswith(".")):
-        return Path(args.exp).resolve()
-    return default_exp_dir(args.exp or default)
+        return resolved_path(args.exp, "--exp")
+    return resolved_path(default_exp_dir(args.exp or default), "--exp")
+
+
+def _path_arg(value: Optional[str], what: str) -> Optional[Path]:
+    """A path option made absolute (links resolved), or None when not given; bad paths are one line."""
+    from metaqnn.exp_path import resolved_path
+
+    return None if value is None else resolved_path(value, what)
+
+
+def _out_arg(value: str, what: str) -> Path:
+    """A path option kept as given (relative stays relative), after the loop and length checks."""
+    from metaqnn.exp_path import checked_path
+
+    return checked_path(value, what)
 
 
 def _gpus(args: argparse.Namespace) -> List[int]:
     from qagent.errors import ConfigError
 
     text = args.gpus if args.gpus is not None else ("" if args.gpu is None else str(args.gpu))
+    if args.gpus is not None and not args.gpus.strip():
+        raise ConfigError("--gpus is empty: list GPU ids (e.g. --gpus 0,1), or leave --gpus out to train on the CPU")
     if text.strip() == "all":
         if not args.ray and not os.environ.get("RAY_ADDRESS"):
             raise ConfigError(
                 "--gpus all needs a Ray cluster (--ray); on one machine list the GPU ids, e.g. --gpus 0,1"
             )
         return []
+    if args.gpus is not None and any(not g.strip() for g in text.split(",")):
+        raise ConfigError(f"--gpus must be a comma-separated list of GPU ids, got {quote(text)} (an empty id)")
     try:
         ids = [int(g) for g in text.split(",") if g.strip()]
     except ValueError:
@@ -117,17 +144,20 @@ def _stall(args: argparse.Namespace) -> "Optional[Stall]":
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from metaqnn.exp_path import check_experiment_dir
     from metaqnn.experiment import default_data_dir
     from metaqnn.search import SearchOptions, format_summary, run_search
     from qagent.errors import ConfigError
 
+    if args.ray is not None and not args.ray.strip():
+        raise ConfigError("--ray is empty: give the address of a running Ray cluster (HOST:PORT), or leave --ray out")
     if args.trainings_per_gpu > 1 and args.gpu is None and args.gpus is None:
         raise ConfigError("--trainings-per-gpu packs trainings onto GPUs: give --gpu N or --gpus (CPU: --workers)")
     config = _build_config(args)
     opts = SearchOptions(
-        exp_dir=_exp_dir(args, config.name),
-        data_dir=Path(args.data_dir).resolve() if args.data_dir else default_data_dir(config),
-        source=Path(args.source).resolve() if args.source else None,
+        exp_dir=check_experiment_dir(_exp_dir(args, config.name)),
+        data_dir=_path_arg(args.data_dir, "--data-dir") or default_data_dir(config),
+        source=_path_arg(args.source, "--source"),
         gpus=_gpus(args),
         workers=args.workers,
         ray=args.ray or os.environ.get("RAY_ADDRESS") or None,
@@ -139,6 +169,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         max_same_failures=args.max_same_failures,
         stall=_stall(args),
     )
+    if opts.ray:  # connected (bounded, one line if unreachable) before the experiment folder is created
+        from metaqnn.executors import connect_ray
+
+        connect_ray(opts.ray)
     result = run_search(config, opts)
     print(format_summary(result))
     return 0
@@ -147,6 +181,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from metaqnn.experiment import STORE_NAME, experiment_config
     from metaqnn.search import format_summary, summary
+    from qagent.status import ModelStatus
     from qagent.store import ExperimentStore
 
     exp = _exp_dir(args, "digits")
@@ -162,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for m in store.running():
             print(f"in flight: #{m.id} {m.arch} (attempt {m.attempts})")
+        for m in store.models(ModelStatus.DEFERRED):
+            print(f"set aside, no reward (trained again on the next run): #{m.id} {m.arch}: {m.message}")
         print(format_summary(summary(store)))
     return 0
 
@@ -172,8 +209,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from metaqnn.search import prep_options
 
     config = _build_config(args)
-    out = Path(args.data_dir).resolve() if args.data_dir else default_data_dir(config)
-    source = Path(args.source).resolve() if args.source else source_or_default(config)
+    out = _path_arg(args.data_dir, "--data-dir") or default_data_dir(config)
+    source = _path_arg(args.source, "--source") or source_or_default(config)
     manifest = prepare(prep_options(config), out, source)
     for name, s in manifest["sets"].items():
         print(f"{name:10s} {s['count']:7d} images {s['shape']} {s['dtype']}")
@@ -184,7 +221,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     from data_prep.download import download
     from metaqnn.experiment import default_source_dir
 
-    dest = Path(args.dest) if args.dest else default_source_dir(_build_config(args))
+    dest = _out_arg(args.dest, "--dest") if args.dest is not None else default_source_dir(_build_config(args))
     print(f"downloaded to {download(args.dataset, dest)}")
     return 0
 
@@ -204,7 +241,7 @@ def cmd_caffe_info(args: argparse.Namespace) -> int:
         print(f"GPU build: {gpu_build.binary} (used with GPU=/GPUS=; `caffe-info --gpu` describes it)")
     elif gpu_build is None and c.is_cpu_prefix:
         print("GPU build: none (`make caffe-gpu` builds one for NVIDIA GPUs)")
-    print(f"schema: {getattr(pb, '__file__', 'descriptor from ' + ', '.join(map(str, c.schema_candidates()[:1])))}")
+    print(f"schema: {getattr(pb, '__file__', None) or 'descriptor from ' + str(getattr(pb, 'source', '?'))}")
     return 0
 
 
@@ -212,8 +249,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     from metaqnn.export import render_model
 
     config = _build_config(args)
-    out = Path(args.out)
-    if args.data_dir:  # sizes and shapes from prepared data: it must be there, and fit the config
+    out = _out_arg(args.out, "--out")
+    if args.data_dir is not None:  # sizes and shapes from prepared data: it must be there, and fit the config
+        _path_arg(args.data_dir, "--data-dir")
         from data_prep.prepare import read_manifest
         from metaqnn.search import check_data_fits
         from qagent.errors import ConfigError
@@ -241,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from metaqnn.export import export_top
 
     exp = _exp_dir(args, "digits")
-    out = Path(args.out) if args.out else exp / "export"
+    out = _out_arg(args.out, "--out") if args.out is not None else exp / "export"
     for line in export_top(exp, args.top, out, include_predicted=args.include_predicted):
         print(line)
     return 0
@@ -250,7 +288,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from metaqnn.compare import compare_files
 
-    equal, report = compare_files(Path(args.a), Path(args.b), ignore_paths=args.ignore_paths)
+    equal, report = compare_files(
+        _out_arg(args.a, "compare"), _out_arg(args.b, "compare"), ignore_paths=args.ignore_paths
+    )
     print(report)
     return 0 if equal else 1
 
@@ -258,7 +298,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_regenerate_check(args: argparse.Namespace) -> int:
     from metaqnn.compare import regenerate_check
 
-    equal, report = regenerate_check(Path(args.file), _build_config(args), overrides=args.protocol_set)
+    file = _out_arg(args.file, "regenerate-check")
+    equal, report = regenerate_check(file, _build_config(args), overrides=args.protocol_set)
     print(report)
     return 0 if equal else 1
 
@@ -266,7 +307,7 @@ def cmd_regenerate_check(args: argparse.Namespace) -> int:
 def cmd_arch(args: argparse.Namespace) -> int:
     from metaqnn.compare import architecture_of_net
 
-    print(architecture_of_net(Path(args.file)))
+    print(architecture_of_net(_out_arg(args.file, "arch")))
     return 0
 
 
@@ -274,7 +315,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from metaqnn.report import write_report
 
     exp = _exp_dir(args, "digits")
-    page = write_report(exp, Path(args.out) if args.out else exp / "report")
+    page = write_report(exp, _out_arg(args.out, "--out") if args.out is not None else exp / "report")
     print(page)
     return 0
 

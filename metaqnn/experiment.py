@@ -4,14 +4,16 @@ Every command that reads or writes an experiment (search, status, export, finetu
 report) finds these here, so none of them imports the search loop just to learn a path.
 """
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from metaqnn.config import PROJECT_ROOT, Config, stored_config
 from qagent.store import ExperimentStore
 
 STORE_NAME = "store.sqlite"
 MODELS = "models"
+IDENTITY = "identity.json"  # in each model folder: what it trains (metaqnn.trainer.folder_identity)
 
 
 def default_exp_dir(name: str) -> Path:
@@ -25,6 +27,15 @@ def store_path(exp_dir: Path) -> Path:
 def model_dir(exp_dir: Path, model_id: int) -> Path:
     """A model's folder: its prototxt, caffe logs, CSV curves, result.json and best weights."""
     return Path(exp_dir) / MODELS / f"{int(model_id):05d}"
+
+
+def read_identity(folder: Path) -> Optional[Dict[str, Any]]:
+    """A model folder's identity.json, or None when it has none or it does not parse."""
+    try:
+        data = json.loads((Path(folder) / IDENTITY).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def default_data_dir(config: Config) -> Path:

@@ -77,6 +77,14 @@ def signature(failure: Optional[str], message: str) -> str:
     return f"{failure}: {re.sub(r'[0-9]+(?:[.][0-9]+)?', 'N', message)[:200]}"
 
 
+class BreakerTripped(InfrastructureError):
+    """The circuit breaker blamed the set-up: ``model_ids`` are the failures it blames."""
+
+    def __init__(self, message: str, model_ids: List[int]) -> None:
+        super().__init__(message)
+        self.model_ids = model_ids
+
+
 class CircuitBreaker:
     """Trips after ``limit`` consecutive model failures with one signature.
 
@@ -96,9 +104,19 @@ class CircuitBreaker:
         self.limit = limit
         self._recent: Deque[Tuple[str, int]] = deque(maxlen=limit)
 
+    def counted(self, status: str, failure: Optional[str]) -> bool:
+        return status != ModelStatus.DONE and failure in self.COUNTED
+
+    def starts_streak(self, status: str, failure: Optional[str], message: str) -> bool:
+        """Whether this result, if counted, begins a new run of identical failures: the store then
+        keeps a checkpoint of the Q-values, to take the run back if the breaker trips."""
+        if not self.counted(status, failure):
+            return False
+        return not self._recent or self._recent[-1][0] != signature(failure, message)
+
     def observe(self, model_id: int, status: str, failure: Optional[str], message: str) -> None:
-        """Record one committed result; raise InfrastructureError when the breaker trips."""
-        if status == ModelStatus.DONE or failure not in self.COUNTED:
+        """Record one committed result; raise :class:`BreakerTripped` when the breaker trips."""
+        if not self.counted(status, failure):
             self._recent.clear()
             return
         sig = signature(failure, message)
@@ -106,8 +124,11 @@ class CircuitBreaker:
             self._recent.clear()
         self._recent.append((sig, model_id))
         if len(self._recent) >= self.limit:
-            ids = ", ".join(f"#{m}" for _, m in self._recent)
-            raise InfrastructureError(
+            blamed = [m for _, m in self._recent]
+            ids = ", ".join(f"#{m}" for m in blamed)
+            raise BreakerTripped(
                 f"{self.limit} models in a row ({ids}) failed the same way ({message[:150]}): "
-                "this looks like a broken set-up, not bad nets; fix it and rerun to resume"
+                "this looks like a broken set-up, not bad nets; their failures are not kept as rewards; "
+                "fix it and rerun to train them again",
+                blamed,
             )

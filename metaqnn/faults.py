@@ -7,7 +7,8 @@
   survive: ``trained`` (caffe has finished, result.json is not written yet), ``result-written``
   (the model's result.json is on disk, snapshots not yet pruned), ``pruning`` (half-way through
   the final pruning), ``pruned`` (the final pruning is done, the trainer has not returned),
-  ``commit`` (the search is about to commit a result to the store).
+  ``commit`` (the search is about to commit a result to the store), ``probe-finished`` (a probe's
+  caffe has ended, state.json does not record it yet).
 
 Unset -- always, outside tests -- each costs one lookup.
 """

@@ -6,6 +6,7 @@ a measurement and replaces the prediction in the store (the prediction stays in 
 metrics under ``stopped_early``).  The search must not be running (the store's writer lock).
 """
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -14,11 +15,11 @@ from data_prep.sources import DataError
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.config import upgrade_record
-from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir
+from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir, model_dir
 from metaqnn.search import JobPlaces, build_job
 from metaqnn.trainer import Trainer
 from qagent.arch import parse_architecture
-from qagent.errors import ConfigError
+from qagent.errors import ConfigError, MetaQNNError
 from qagent.status import ModelStatus
 from qagent.store import ExperimentStore, ModelRow
 
@@ -26,16 +27,53 @@ from qagent.store import ExperimentStore, ModelRow
 STOP_FIELDS = ("predicted_accuracy", "stopped_epoch", "stop_probability", "stop_target", "stop_rule", "best_accuracy")
 
 
-def choose(stopped: Sequence[ModelRow], top: Optional[int], ids: Sequence[int]) -> List[ModelRow]:
-    """The stopped models to finish: these ids, else the ``top`` highest predictions (all: None)."""
+def stopped_prediction(m: ModelRow) -> Optional[float]:
+    """The prediction a model was stopped with: still stopped, or finished since (kept beside the measurement)."""
+    if m.status == ModelStatus.STOPPED:
+        return m.reward
+    kept = m.metrics.get("stopped_early")
+    if m.status == ModelStatus.DONE and isinstance(kept, dict) and kept.get("predicted_accuracy") is not None:
+        return float(kept["predicted_accuracy"])
+    return None
+
+
+def choose(models: Sequence[ModelRow], top: Optional[int], ids: Sequence[int]) -> List[ModelRow]:
+    """The models to finish: these ids, else the ``top`` highest predictions (all: None).
+
+    Ranked over every model that was ever stopped, finished ones included (a prediction never
+    changes once stored), so ``--top K`` names the same K models however often it is run or
+    killed: a rerun completes the selection instead of reaching for the next stopped ones.
+    """
+    ever = [m for m in models if stopped_prediction(m) is not None]
     if ids:
-        by_id = {m.id: m for m in stopped}
+        by_id = {m.id: m for m in ever}
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise ConfigError(f"model #{missing[0]} is not a model stopped early in this experiment")
         return [by_id[i] for i in ids]
-    ranked = sorted(stopped, key=lambda m: (-(m.reward or 0.0), m.id))
+    ranked = sorted(ever, key=lambda m: (-(stopped_prediction(m) or 0.0), m.id))
     return ranked if top is None else ranked[:top]
+
+
+class FinishError(MetaQNNError):
+    pass
+
+
+def _kept_snapshot_problem(folder: Path) -> Optional[str]:
+    """Why a stopped model cannot be finished from its folder (None when it can)."""
+    for name in ("result.json", "result-stopped.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        it = data.get("resume_iteration")
+        if it is None:
+            return f"{folder / name} names no snapshot to finish it from"
+        for suffix in ("caffemodel", "solverstate"):
+            if not list((folder / "snapshots").glob(f"*_iter_{int(it)}.{suffix}")):
+                return f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}.{suffix} is missing"
+        return None
+    return f"{folder} holds no readable result of a model stopped early"
 
 
 def finish_stopped(
@@ -46,7 +84,11 @@ def finish_stopped(
     timeout: Optional[float] = None,
     log: Callable[[str], None] = print,
 ) -> List[Dict[str, Any]]:
-    """Finish the chosen stopped models, one at a time; each result is committed as it arrives."""
+    """Finish the chosen stopped models, one at a time; each result is committed as it arrives.
+
+    A model already finished (by an earlier, perhaps killed, run of the same command) is reported,
+    not trained again.  A model that cannot be finished stays stopped; the command then ends with
+    one error line naming it, after committing every model that did finish."""
     path = Path(exp_dir) / STORE_NAME
     with ExperimentStore.open_readonly(path) as ro:
         config = experiment_config(ro)
@@ -56,26 +98,45 @@ def finish_stopped(
         raise DataError(f"the experiment's data {data_dir} is gone (run `metaqnn prepare`)")
     caffe = find_caffe(gpu=gpu is not None)
     protocol = config.protocol.load("search")
-    places = JobPlaces(caffe.binary, data_dir, manifest["sets"], Path(exp_dir).resolve())
     out: List[Dict[str, Any]] = []
+    problems: List[str] = []
     with ExperimentStore.open(path, config.to_dict(), normalize=upgrade_record) as store:
-        chosen = choose(store.models(ModelStatus.STOPPED), top, ids)
+        places = JobPlaces(caffe.binary, data_dir, manifest["sets"], Path(exp_dir).resolve(), store.experiment_id())
+        chosen = choose(store.models(), top, ids)
         if not chosen:
             log(f"experiment {exp_dir} has no model stopped early to finish")
         for n, m in enumerate(chosen, 1):
+            predicted = stopped_prediction(m) or 0.0
+            line: Dict[str, Any] = {"model": m.id, "arch": m.arch, "predicted": predicted}
+            if m.status == ModelStatus.DONE:
+                line.update(status=str(m.status), measured=m.reward)
+                log(
+                    f"[{n}/{len(chosen)}] #{m.id} already finished: measured {m.reward:.4f} (predicted {predicted:.4f})"
+                )
+                out.append(line)
+                continue
+            problem = _kept_snapshot_problem(model_dir(places.exp_dir, m.id))
+            if problem is not None:
+                problems.append(f"#{m.id} cannot be finished: {problem}")
+                line["status"] = str(m.status)
+                out.append(line)
+                continue
             job = build_job(
                 config, protocol, places, m.id, parse_architecture(m.arch), m.arch, timeout, Stall(), gpu, None
             )
-            log(f"[{n}/{len(chosen)}] #{m.id} predicted {m.reward:.4f}: training to {protocol.epochs} epochs")
+            log(f"[{n}/{len(chosen)}] #{m.id} predicted {predicted:.4f}: training to {protocol.epochs} epochs")
             result = Trainer(job).finish()
-            line = {"model": m.id, "arch": m.arch, "predicted": m.reward, "status": str(result.status)}
+            line["status"] = str(result.status)
             if result.status == ModelStatus.DONE and result.best_accuracy is not None:
                 metrics = result.metrics()
                 metrics["stopped_early"] = {k: m.metrics.get(k) for k in STOP_FIELDS}
                 store.record_finished(m.arch, result.best_accuracy, metrics)
                 line["measured"] = result.best_accuracy
-                log(f"#{m.id} measured {result.best_accuracy:.4f} (predicted {m.reward:.4f})")
+                log(f"#{m.id} measured {result.best_accuracy:.4f} (predicted {predicted:.4f})")
             else:
-                log(f"#{m.id} could not be finished: {result.failure} {result.message}; it stays stopped")
+                problems.append(f"#{m.id} could not be finished ({result.failure}: {result.message}); it stays stopped")
             out.append(line)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FinishError(problems[0] + more)
     return out

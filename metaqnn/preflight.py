@@ -9,11 +9,12 @@ must finish.  Failures are :class:`InfrastructureError`: one line naming the
 binary, exit status 2, nothing created.
 """
 
+import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from metaqnn.caffe.runner import run_caffe, train_argv
 from metaqnn.failures import InfrastructureError
@@ -22,6 +23,22 @@ from metaqnn.render import write_training_files
 from qagent.arch import Softmax
 
 PREFLIGHT_TIMEOUT = 300.0
+WORK_PREFIX = "metaqnn-preflight-"  # + the pid of the process that made it
+
+
+def remove_stale_work_dirs(tmp: Optional[Path] = None) -> List[Path]:
+    """Remove the preflight folders of processes that are gone (a kill -9 skips the cleanup).
+
+    A folder is removed only when its name carries a pid with no live process: a preflight
+    running now, in another search, is left alone."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        pid = folder.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or not folder.is_dir() or folder.is_symlink():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def check_caffe_runs(binary: Path) -> str:
@@ -69,7 +86,8 @@ def check_caffe_trains(
         train_batch=1,
         test_batch=1,
     )
-    work = Path(tempfile.mkdtemp(prefix="metaqnn-preflight-"))
+    remove_stale_work_dirs()
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-"))
     try:
         solver = [
             ("net", "net.prototxt"),

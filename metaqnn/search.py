@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from data_prep.integrity import check_manifest_matches
 from data_prep.lmdb_writer import quick_check_lmdb
@@ -28,12 +28,13 @@ from metaqnn.early_stop.curves import epochs_trained
 from metaqnn.early_stop.rules import StopRule
 from metaqnn.early_stop.source import RuleSource
 from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
+from metaqnn.exp_path import check_experiment_dir
 from metaqnn.experiment import (
     STORE_NAME,
     model_dir,
     source_or_default,
 )
-from metaqnn.failures import CircuitBreaker, InfrastructureError, is_disk_full
+from metaqnn.failures import BreakerTripped, CircuitBreaker, InfrastructureError, is_disk_full
 from metaqnn.preflight import check_caffe_runs, check_caffe_trains
 from metaqnn.solverspec import Protocol
 from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
@@ -218,10 +219,30 @@ def check_before_creating(
 
 def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
     """Check everything (caffe, data, options), then create or resume the experiment and search."""
-    log = options.log
+    check_experiment_dir(options.exp_dir)  # never turn someone else's folder into an experiment
     caffe = find_caffe(gpu=bool(options.gpus) or options.ray_gpus)
     protocol: Protocol = config.protocol.load("search")
-    version, sets = check_before_creating(config, options, caffe, protocol)
+    # A cluster that cannot be reached is one bounded line before anything exists (data, store).
+    ray_executor = make_executor(options, train_job) if options.ray else None
+    try:
+        version, sets = check_before_creating(config, options, caffe, protocol)
+        return _search_in_store(config, options, caffe, protocol, version, sets, ray_executor)
+    finally:
+        if ray_executor is not None:
+            ray_executor.close()
+
+
+def _search_in_store(
+    config: Config,
+    options: SearchOptions,
+    caffe: Any,
+    protocol: Protocol,
+    version: str,
+    sets: Dict[str, Any],
+    ray_executor: Optional[Any],
+) -> Dict[str, Any]:
+    """Create or resume the experiment (everything it depends on has been checked) and search."""
+    log = options.log
     space, data_dir = config.space, options.data_dir
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
         store.set_meta("data_dir", str(data_dir))  # the experiment exists only once everything above passed
@@ -234,7 +255,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
             return build_job(
                 config,
                 protocol,
-                JobPlaces(caffe.binary, data_dir, sets, options.exp_dir),
+                JobPlaces(caffe.binary, data_dir, sets, options.exp_dir, store.experiment_id()),
                 model_id,
                 p.layers,
                 p.arch,
@@ -243,7 +264,7 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
                 early_stop=rules.rule(),
             )
 
-        executor = make_executor(options, train_job if options.ray else progress.trainer)
+        executor = ray_executor or make_executor(options, progress.trainer)
         where = (
             f"Ray cluster {options.ray}"
             if options.ray
@@ -260,7 +281,8 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
             runner.stop_all()  # trainings still in flight stay "running" in the store: resumed next time
             raise
         finally:
-            executor.close()
+            if executor is not ray_executor:
+                executor.close()  # the Ray executor is closed by run_search
             runner.allow_runs()
         if progress.tty:
             sys.stdout.write("\n")
@@ -274,6 +296,7 @@ class JobPlaces(NamedTuple):
     data_dir: Path
     sets: Dict[str, Any]
     exp_dir: Path
+    experiment_id: str = ""  # the store's: every model folder carries it (metaqnn.trainer.folder_identity)
 
 
 def build_job(
@@ -309,6 +332,8 @@ def build_job(
         seed=caffe_seed(config.agent.seed, arch),
         stall=stall,
         early_stop=early_stop,
+        experiment_id=places.experiment_id,
+        model_id=model_id,
     )
 
 
@@ -358,6 +383,7 @@ class _SearchLoop:
         self.progress, self.max_models, self.breaker, self.rules = progress, max_models, breaker, rules
         self.launched: Dict[str, Tuple[Proposal, int]] = {}  # arch -> (its proposal, its model id)
         self.waiting: Dict[str, List[Proposal]] = {}  # arch in flight -> later samples of it
+        self.deferred: Set[str] = set()  # set aside in this run (no reward): a re-sample teaches nothing
         self.sent = 0
 
     def run(self) -> int:
@@ -374,9 +400,11 @@ class _SearchLoop:
                 self.answer_waiting(arch)
 
     def resume_running(self) -> None:
-        """Models that were in flight when the search stopped go out again first, under their own ids."""
-        for row in self.store.running():
-            self.progress.event(f"#{row.id} resuming {row.arch}")
+        """Models that were in flight when the search stopped, then those set aside without a reward,
+        go out again first, under their own ids."""
+        for row in self.store.resumable():
+            what = "resuming" if row.status == ModelStatus.RUNNING else "training again (set aside before)"
+            self.progress.event(f"#{row.id} {what} {row.arch}")
             encoded = self.agent.encode(row.arch)
             self.launch(Proposal(row.arch, parse_architecture(row.arch), row.epsilon, encoded, None), row.id)
 
@@ -392,6 +420,9 @@ class _SearchLoop:
             if p.known_reward is not None:
                 agent.observe(p.arch, p.encoded, p.known_reward, p.epsilon)
                 store.record_result(agent, p, ModelStatus.DUPLICATE, p.known_reward)
+            elif p.arch in self.deferred:
+                agent.pass_over(p.arch)
+                store.record_skipped(agent, p)
             elif p.arch in agent.skipped:
                 agent.skip(p.arch)
                 store.record_result(agent, p, ModelStatus.OOM, None, None, self.OOM_AGAIN)
@@ -409,17 +440,32 @@ class _SearchLoop:
         self.executor.submit(p.arch, self.make_job(p, model_id))
 
     def commit(self, p: Proposal, result: TrainResult, model_id: int) -> None:
-        """One result and the agent's replays, in one transaction; then the circuit breaker sees it."""
+        """One result and the agent's replays, in one transaction; then the circuit breaker sees it.
+
+        A result set aside (deferred) changes nothing the agent knows; when the breaker trips, the
+        failures it blames are taken back (:meth:`take_back`)."""
         faults.point("commit")
         agent, metrics = self.agent, result.metrics()
-        if result.status == ModelStatus.OOM:
+        for note in result.notes:
+            self.progress.event(f"#{model_id} {note}", p.epsilon)
+        starts = self.breaker is not None and self.breaker.starts_streak(result.status, result.failure, result.message)
+        if result.status == ModelStatus.DEFERRED:
+            agent.pass_over(p.arch, count=False)
+            self.deferred.add(p.arch)
+            if starts:
+                self.store.checkpoint(agent)
+            self.store.defer_model(p.arch, result.message, metrics)
+            self.progress.event(f"#{model_id} SET ASIDE, no reward ({result.message}): {p.arch}", p.epsilon)
+        elif result.status == ModelStatus.OOM:
             agent.skip(p.arch)
-            self.store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message)
+            self.store.record_result(agent, p, ModelStatus.OOM, None, metrics, result.message, checkpoint=starts)
             self.progress.event(f"#{model_id} out of memory, skipped: {p.arch}", p.epsilon)
         else:
             reward = reward_of(result, agent.failure_reward)
             agent.observe(p.arch, p.encoded, reward, p.epsilon)
-            self.store.record_result(agent, p, result.status, reward, metrics, result.message or None)
+            self.store.record_result(
+                agent, p, result.status, reward, metrics, result.message or None, checkpoint=starts
+            )
             if result.status == ModelStatus.DONE and self.rules is not None:
                 self.rules.observe(model_id, p.arch, metrics)
             if result.status == ModelStatus.DONE:
@@ -435,13 +481,34 @@ class _SearchLoop:
                 p.epsilon,
             )
         if self.breaker is not None:
-            self.breaker.observe(model_id, result.status, result.failure, result.message)
+            try:
+                self.breaker.observe(model_id, result.status, result.failure, result.message)
+            except BreakerTripped as tripped:
+                self.take_back(tripped)
+                raise
+
+    def take_back(self, tripped: BreakerTripped) -> None:
+        """The failures the breaker blames on the set-up are not rewards: the store rolls them back,
+        and their result.json files are renamed so that the next run trains them again."""
+        for model_id in tripped.model_ids:  # first: a kill before the rollback leaves the store as it was
+            folder = model_dir(self.store.path.parent, model_id)
+            result = folder / "result.json"
+            if result.exists():
+                result.replace(folder / "result-set-aside.json")
+        archs = self.store.rollback_streak(tripped.model_ids, "the circuit breaker blamed the set-up")
+        self.progress.event(
+            f"circuit breaker: {len(archs)} failures taken back (no reward): "
+            + ", ".join(f"#{m}" for m in tripped.model_ids)
+        )
 
     def answer_waiting(self, arch: str) -> None:
         """Samples that waited for ``arch`` become duplicates of its result (or skips, out of memory)."""
         agent = self.agent
         for dup in self.waiting.pop(arch, []):
-            if arch in agent.rewards:
+            if arch in self.deferred:
+                agent.pass_over(arch)
+                self.store.record_skipped(agent, dup)
+            elif arch in agent.rewards:
                 agent.observe(arch, dup.encoded, agent.rewards[arch], dup.epsilon)
                 self.store.record_result(agent, dup, ModelStatus.DUPLICATE, agent.rewards[arch])
             else:

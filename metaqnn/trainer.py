@@ -37,9 +37,10 @@ from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_ru
 from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
 from metaqnn.early_stop import ModelInfo, StopDecision, StopRule, epoch_curve, model_info
 from metaqnn.early_stop.rules import describe
+from metaqnn.experiment import IDENTITY, read_identity
 from metaqnn.failures import FailureKind, InfrastructureError, infrastructure_reason
-from metaqnn.netspec import Transform, build_net
-from metaqnn.render import write_net, write_training_files
+from metaqnn.netspec import NetSpec, Transform, build_net
+from metaqnn.render import render_net, write_training_files
 from metaqnn.solverspec import Protocol, solver_fields
 from qagent.arch import Layer, format_architecture
 from qagent.errors import StoreError
@@ -76,11 +77,14 @@ class TrainJob:
     dropout: str = "paper"
     gpu: Optional[int] = None
     timeout: Optional[float] = None
-    retries: int = 1  # extra attempts for transient failures (timeout, killed by a signal)
+    retries: int = 1  # extra attempts for a timeout or a stall
+    crash_retries: int = 2  # extra attempts for a caffe killed by a signal (docs/deviations.md)
     seed: Optional[int] = None  # Caffe's random_seed (weight fillers, dropout): CPU training is then repeatable
     stall: Optional[Stall] = field(default_factory=Stall)  # watchdog for a hung or stopped caffe; None: off
     env: Tuple[Tuple[str, str], ...] = ()  # extra environment of caffe, e.g. the GPU it sees (metaqnn.packing)
     early_stop: Optional[StopRule] = None  # may stop the full training at a checkpoint epoch (metaqnn.early_stop)
+    experiment_id: str = ""  # the store's experiment id: the model folder must carry it (identity.json)
+    model_id: Optional[int] = None
 
     def __post_init__(self) -> None:
         # caffe runs inside the model folder: a relative path would point somewhere else there
@@ -113,6 +117,7 @@ class TrainResult:
     stop_target: Optional[float] = None
     stop_rule: str = ""
     resume_iteration: Optional[int] = None  # the snapshot kept to finish the training later
+    notes: List[str] = field(default_factory=list)  # what the search should say about this training
 
     def __post_init__(self) -> None:  # a result read back from result.json holds plain strings
         self.status = ModelStatus(self.status)
@@ -137,6 +142,9 @@ class Verdict(NamedTuple):
         """Worth one more attempt: a timeout, a stall, or a crash by a signal (a killed caffe)."""
         if self.failure in (FailureKind.TIMEOUT, FailureKind.STALLED):
             return True
+        return self.signal_death(outcome)
+
+    def signal_death(self, outcome: RunOutcome) -> bool:
         return self.failure == FailureKind.CRASHED and outcome.signal is not None
 
     def result(self, **fields: Any) -> "TrainResult":
@@ -214,18 +222,23 @@ def snapshot_facts(states: Sequence[LogState]) -> SnapshotFacts:
     )
 
 
-def resume_point(folder: Path, facts: SnapshotFacts, min_iter: int = 0) -> Optional[int]:
+def resume_point(
+    folder: Path, facts: SnapshotFacts, min_iter: int = 0, max_iter: Optional[int] = None
+) -> Optional[int]:
     """Newest iteration whose weights and solver state are both on disk and completely written.
 
-    A snapshot no log mentions (a log from before logs went to disk unbuffered) is trusted as is.
+    Completely written means: the log shows caffe's solver-state line *and* a later line.  A
+    snapshot no parsed line mentions yet is never trusted: caffe logs before it writes, so it
+    may still be writing it, or the log reader lags behind caffe.
     """
     files = _snapshot_files(folder)
     ok = [
         it
         for it, paths in files.items()
         if it >= min_iter
+        and (max_iter is None or it <= max_iter)
         and {p.suffix for p in paths} >= {".caffemodel", ".solverstate"}
-        and (it in facts.complete or it not in facts.mentioned)
+        and it in facts.complete
     ]
     return max(ok) if ok else None
 
@@ -282,7 +295,7 @@ def _runs_of(log: Path) -> List[LogState]:
 _LOG_NAME = re.compile(r"^(probe(\d+)|train\d+)(_retry\d+)?\.log$")
 
 
-def read_runs(folder: Path, restart: Optional[int]) -> List[LogState]:
+def read_runs(folder: Path, restart: Optional[int], probes_only: bool = False) -> List[LogState]:
     """Every caffe run of the model's lineage -- the probe with this restart index (all probes if
     None) and every full-training run -- parsed from the logs, oldest first by run number."""
     keyed = []
@@ -290,10 +303,95 @@ def read_runs(folder: Path, restart: Optional[int]) -> List[LogState]:
         m = _LOG_NAME.match(log.name)
         if m is None or (m.group(2) is not None and restart is not None and int(m.group(2)) != restart):
             continue
+        if probes_only and m.group(2) is None:
+            continue
         mtime = log.stat().st_mtime_ns
         for i, (number, lines) in enumerate(split_runs(log.read_text(errors="replace").splitlines())):
             keyed.append(((number, mtime, log.name, i), parse_lines(lines)))
     return [st for _, st in sorted(keyed, key=lambda kv: kv[0])]
+
+
+class _StartAfresh(InfrastructureError):
+    """The folder's history cannot be continued (its snapshots are gone): the model starts afresh."""
+
+
+# result.json statuses that are results; a 'deferred' one was set aside and is trained again
+_RESULT_STATUSES = (ModelStatus.DONE, ModelStatus.FAILED, ModelStatus.STOPPED, ModelStatus.OOM)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def job_net(job: TrainJob) -> NetSpec:
+    """The search net of a job, exactly as the trainer renders it into the model folder."""
+    return build_net(
+        job.layers,
+        image_size=job.image_size,
+        channels=job.channels,
+        num_classes=job.num_classes,
+        train_source=str(job.train_lmdb),
+        test_source=str(job.val_lmdb),
+        transform=job.transform,
+        dropout=job.dropout,
+        train_batch=job.protocol.train_batch,
+        test_batch=job.protocol.test_batch,
+    )
+
+
+def folder_identity(job: TrainJob, net_text: str) -> Dict[str, Any]:
+    """What a model folder trains: its experiment and model id, architecture, Caffe seed, net and protocol.
+
+    Written first into a new folder; any later run adopts the folder's logs, snapshots or result
+    only when it names the same identity, so a folder left by another experiment, another model
+    under a reused id, or another protocol or data set is never taken for this model's history.
+    Where caffe runs (GPU, timeouts, the early-stopping rule) is not part of it.
+    """
+    protocol = json.dumps(asdict(job.protocol), sort_keys=True, default=str)
+    return {
+        "experiment": job.experiment_id,
+        "model": job.model_id,
+        "architecture": format_architecture(job.layers),
+        "caffe_seed": job.seed,
+        "net_sha256": _digest(net_text),
+        "protocol_sha256": _digest(protocol),
+        "train_size": job.train_size,
+        "val_size": job.val_size,
+    }
+
+
+def identity_mismatch(found: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> Optional[str]:
+    """Why a folder's identity is not ``wanted`` (None when it is)."""
+    if found is None:
+        return "it carries no identity.json (a folder this model did not write)"
+    for key, value in wanted.items():
+        if found.get(key) != value:
+            return f"its identity.json names {key} {found.get(key)!r}, this model's is {value!r}"
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a folder that is not to be adopted out of the way (kept, never deleted): ``<name>.foreign-N``."""
+    n = 1
+    while os.path.lexists(str(folder.with_name(f"{folder.name}.foreign-{n}"))):
+        n += 1
+    dest = folder.with_name(f"{folder.name}.foreign-{n}")
+    folder.rename(dest)
+    return dest
+
+
+def _state_problem(state: Any) -> Optional[str]:
+    """Why a loaded state.json cannot be trusted (None when it can)."""
+    if not isinstance(state, dict):
+        return "it is not a JSON object"
+    if state.get("phase") not in ("probe", "full"):
+        return f"its phase is {state.get('phase')!r}"
+    for key in ("restart", "runs"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            return f"its {key} is {state.get(key)!r}"
+    if state["phase"] == "full" and not isinstance(state.get("lr"), (int, float)):
+        return "it has no learning rate for the full training"
+    return None
 
 
 class Trainer:
@@ -308,12 +406,47 @@ class Trainer:
         self.state: Dict[str, Any] = {}
         self.param_count = 0
         self.decision: Optional[StopDecision] = None  # the early-stopping rule's, once it stops the model
+        self.spec = job_net(job)
+        self.net_text = render_net(self.spec)
+        self.identity = folder_identity(job, self.net_text)
+        self.notes: List[str] = []
 
     # -- files ------------------------------------------------------------------------
     def _load_state(self) -> Dict[str, Any]:
-        """phase (probe | full), restart index, learning rate, caffe runs so far: survives a crash."""
+        """phase (probe | full), restart index, learning rate, caffe runs so far: survives a crash.
+
+        Checked by :meth:`claim` before anything else reads it."""
         p = self.dir / "state.json"
         return json.loads(p.read_text()) if p.exists() else {"phase": "probe", "restart": 0, "runs": 0}
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        self.progress(text)
+
+    def claim(self) -> None:
+        """Make the model folder this model's: adopt it when its identity matches and its state
+        can be read, else set it aside (``<folder>.foreign-N``, kept) and start afresh.
+
+        Nothing in a folder -- result, logs, snapshots, state -- is read before this check."""
+        folder = self.dir
+        if folder.is_dir() and any(folder.iterdir()):
+            why = identity_mismatch(read_identity(folder), self.identity)
+            state = folder / "state.json"
+            if why is None and state.exists():
+                try:
+                    problem = _state_problem(json.loads(state.read_text()))
+                except (OSError, ValueError) as exc:
+                    problem = f"it does not parse ({type(exc).__name__})"
+                if problem is not None:
+                    why = f"its {state} cannot be trusted: {problem}"
+            if why is None:
+                return
+            dest = set_aside(folder)
+            self._note(f"model folder {folder} set aside as {dest.name} because {why}; training from the start")
+        elif folder.exists() and not folder.is_dir():
+            raise InfrastructureError(f"model folder {folder} is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True))
 
     def _save_state(self) -> None:
         write_atomic(self.dir / "state.json", json.dumps(self.state))
@@ -413,22 +546,32 @@ class Trainer:
             return Verdict.failed(FailureKind.REJECTED, "caffe refused the net: " + st.fatal[0][:300])
         if o.returncode != 0:
             sig = o.signal
-            what = f"killed by signal {sig}" if sig else f"exit status {o.returncode}"
-            return Verdict.failed(FailureKind.CRASHED, f"caffe crashed ({what})")
+            if sig is not None:  # not shown to be the net's doing: retried, then set aside (no reward)
+                return Verdict(ModelStatus.DEFERRED, FailureKind.CRASHED, f"caffe was killed by signal {sig}")
+            return Verdict.failed(FailureKind.CRASHED, f"caffe crashed (exit status {o.returncode})")
         return None
 
     def _run_with_retry(
         self, solver: Path, snapshot: Optional[Path], label: str, keep: Sequence[int]
     ) -> Tuple[RunOutcome, Optional[Verdict]]:
-        for attempt in range(self.job.retries + 1):
+        attempt = 0
+        while True:
             o = self._run(solver, snapshot, f"{label}" if attempt == 0 else f"{label}_retry{attempt}", keep)
             verdict = self._classify(o)
             if verdict is None or not verdict.transient(o):
                 return o, verdict
+            allowed = self.job.crash_retries if verdict.signal_death(o) else self.job.retries
+            if attempt >= allowed:
+                if verdict.signal_death(o):
+                    verdict = verdict._replace(
+                        message=f"{verdict.message} in all {attempt + 1} attempts: set aside without a reward, "
+                        "trained again when the search is next run"
+                    )
+                return o, verdict
+            attempt += 1
             self.progress(f"transient failure ({verdict.message}), retrying")
             if snapshot is not None:  # continue from the newest snapshot since the one this run started from
                 snapshot = self._latest_solverstate(min_iter=self._iter_of(snapshot)) or snapshot
-        return o, verdict
 
     @staticmethod
     def _iter_of(path: Path) -> int:
@@ -454,6 +597,8 @@ class Trainer:
             return None
         if data.get("architecture") != format_architecture(self.job.layers):
             return None
+        if data.get("status") not in [s.value for s in _RESULT_STATUSES]:
+            return None  # set aside (deferred), or not a result at all: train again
         known = set(TrainResult.__dataclass_fields__)
         result = TrainResult(**{k: v for k, v in data.items() if k in known})
         result.curve = [(int(it), float(acc)) for it, acc in result.curve]
@@ -462,31 +607,30 @@ class Trainer:
         return result
 
     def train(self) -> TrainResult:
+        self.claim()
         recovered = self.recover()
         if recovered is not None:
             self.progress("recovered the finished result from result.json")
+            recovered.notes = self.notes + recovered.notes
             return recovered
         t0 = time.monotonic()
         job = self.job
         faults.inject("trainer")
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.snap_dir.mkdir(exist_ok=True)
-        spec = build_net(
-            job.layers,
-            image_size=job.image_size,
-            channels=job.channels,
-            num_classes=job.num_classes,
-            train_source=str(job.train_lmdb),
-            test_source=str(job.val_lmdb),
-            transform=job.transform,
-            dropout=job.dropout,
-            train_batch=job.protocol.train_batch,
-            test_batch=job.protocol.test_batch,
-        )
-        write_net(self.dir / "net.prototxt", spec)
-        self.param_count = spec.param_count
-        result = self._protocol()
-        result.param_count = spec.param_count
+        (self.dir / "net.prototxt").write_text(self.net_text)
+        self.param_count = self.spec.param_count
+        try:
+            result = self._protocol()
+        except _StartAfresh as why:
+            dest = set_aside(self.dir)
+            self._note(f"model folder {self.dir} set aside as {dest.name} because {why}; training from the start")
+            self.claim()
+            self.snap_dir.mkdir(exist_ok=True)
+            (self.dir / "net.prototxt").write_text(self.net_text)
+            self.states = []
+            result = self._protocol()  # a second loss in a fresh folder is not caught: it stops the search
+        result.notes = self.notes + result.notes
+        result.param_count = self.spec.param_count
         result.iters_per_epoch = self.ipe
         result.caffe_seed = job.seed
         result.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -529,8 +673,14 @@ class Trainer:
             lr = proto.base_lr * restarts.lr_factor**k
             self.progress(f"probe {k}: lr {lr:g}")
             solver = self._write_solver(f"solver_probe{k}.prototxt", lr, 1)
-            prune_snapshots(self.snap_dir, [])
-            o, verdict = self._run_with_retry(solver, None, f"probe{k}", [])
+            finished = self._finished_probe(k)
+            if finished is not None:  # it ended before a kill that came before state.json said so
+                o, verdict = RunOutcome(0, finished, 0.0), None
+                self.progress(f"probe {k} had finished: not trained again")
+            else:
+                prune_snapshots(self.snap_dir, [])
+                o, verdict = self._run_with_retry(solver, None, f"probe{k}", [])
+                faults.point("probe-finished")  # caffe is done with the probe, state.json does not say so yet
             if verdict is not None:
                 return verdict.result(restarts=k, learning_rate=lr)
             best = o.state.best_test(ACCURACY)
@@ -553,6 +703,17 @@ class Trainer:
             state["restart"] = k + 1
             self._save_state()
 
+    def _finished_probe(self, k: int) -> Optional[LogState]:
+        """Probe ``k``'s newest run, if it reached 'Optimization Done' at epoch 1 and left its
+        epoch-1 snapshot completely written; else None (the probe is run)."""
+        runs = read_runs(self.dir, k, probes_only=True)
+        last = runs[-1] if runs else None
+        if last is None or not last.done or last.last_iteration < self.ipe:
+            return None
+        if resume_point(self.snap_dir, snapshot_facts(runs), self.ipe, self.ipe) != self.ipe:
+            return None
+        return last
+
     def _train_full(self) -> TrainResult:
         """Continue to the protocol's epochs; the reward is the best accuracy over the whole history."""
         proto, state = self.job.protocol, self.state
@@ -560,10 +721,8 @@ class Trainer:
         solver = self._write_solver("solver.prototxt", lr, proto.epochs)
         finished = self._finished_run(proto.epochs * self.ipe)
         resume = self._latest_solverstate(min_iter=self.ipe)
-        if resume is None and finished is None:
-            return Verdict.failed(FailureKind.CRASHED, "the epoch-1 snapshot is missing; cannot continue").result(
-                restarts=state["restart"], learning_rate=lr
-            )
+        if resume is None and finished is None:  # lost files are no verdict on the net: start it afresh
+            raise _StartAfresh(f"{self.snap_dir} holds no complete snapshot to continue the full training from")
         if finished is not None:  # caffe finished before a crash: nothing to train again
             o, verdict = RunOutcome(0, finished, 0.0), None
         else:
@@ -596,8 +755,19 @@ class Trainer:
         """A model the rule stopped: what it reached, the prediction that is its reward, the snapshot
         to finish it from (`metaqnn finish`)."""
         history = self._history()
-        curve = _accuracy_curve(history)
+        cut = decision.epoch * self.ipe
+        whole = _accuracy_curve(history)
+        curve = [p for p in whole if p[0] <= cut]  # what caffe ran past the checkpoint is not the result
         best = best_of(curve)
+        facts = snapshot_facts(history)
+        resume = resume_point(self.snap_dir, facts, cut, cut)
+        if resume is None:
+            resume = resume_point(self.snap_dir, facts, self.ipe, cut) or resume_point(self.snap_dir, facts, self.ipe)
+        if len(whole) > len(curve):
+            self._note(
+                f"caffe ran {len(whole) - len(curve)} tests past the epoch-{decision.epoch} checkpoint before it "
+                "stopped; they are left out of the result, so that it does not depend on timing"
+            )
         self.progress(describe(decision))
         return TrainResult(
             ModelStatus.STOPPED,
@@ -608,12 +778,12 @@ class Trainer:
             restarts=self.state["restart"],
             message=describe(decision),
             curve=curve,
-            predicted_accuracy=decision.predicted,
+            predicted_accuracy=max(decision.predicted, best[1]) if best else decision.predicted,
             stopped_epoch=decision.epoch,
             stop_probability=decision.probability,
             stop_target=decision.target,
             stop_rule=decision.rule,
-            resume_iteration=resume_point(self.snap_dir, snapshot_facts(history), self.ipe),
+            resume_iteration=resume,
         )
 
     def finish(self) -> TrainResult:
@@ -622,8 +792,12 @@ class Trainer:
         Its stopped result is kept as ``result-stopped.json``; the new ``result.json`` is measured.
         A kill in between is resumed like any training (the renamed file says it was stopped)."""
         path, kept = self.dir / "result.json", self.dir / "result-stopped.json"
+        self.claim()  # a folder that is not this model's is set aside, and then holds no stopped result
         if path.exists():
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                raise StoreError(f"{path} is not readable (truncated?): the stopped model cannot be finished") from None
             if data.get("status") != ModelStatus.STOPPED.value:
                 return self.train()  # already finished: recovered from its result
             path.replace(kept)

@@ -149,6 +149,12 @@ class Agent:
             encoded, reward = memory[randrange(size)]
             update(encoded, reward, alpha, gamma)
 
+    def pass_over(self, arch: str, count: bool = True) -> None:
+        """A model set aside without a reward (no longer in flight); ``count``: a sample of it was drawn."""
+        self.in_flight.pop(arch, None)
+        if count:
+            self.iteration += 1
+
     def skip(self, arch: str) -> None:
         """An architecture that cannot be trained at all (out of memory): never hand it out again."""
         self.in_flight.pop(arch, None)

@@ -3,7 +3,10 @@
 ``done`` and ``failed`` are rewarded (failed with the failure reward) and count towards the
 epsilon schedule; ``stopped`` was stopped early by a performance-prediction rule and rewarded
 with its *predicted* final accuracy (never a measured one: exports and reports keep it apart); ``duplicate`` is a re-sample answered from the replay dictionary;
-``oom`` could not be trained at all and is never handed out again; ``running`` is in flight.
+``oom`` could not be trained at all and is never handed out again; ``running`` is in flight;
+``deferred`` was set aside without a reward because what went wrong was not shown to be the
+net's doing (caffe died by a signal in every attempt, or the circuit breaker blamed the set-up):
+it is trained again, first, when the search is next run.
 """
 
 from enum import Enum
@@ -16,6 +19,7 @@ class ModelStatus(str, Enum):
     FAILED = "failed"
     OOM = "oom"
     DUPLICATE = "duplicate"
+    DEFERRED = "deferred"
 
     def __str__(self) -> str:
         return str(self.value)

@@ -20,10 +20,11 @@ import os
 import shutil
 import sqlite3
 import time
+import uuid
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple, TypeVar, cast
 from urllib.parse import quote
 
 from qagent.agent import Agent, AgentState, Proposal
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models(
     id INTEGER PRIMARY KEY,
     arch TEXT UNIQUE NOT NULL,
-    status TEXT NOT NULL,           -- running | done | stopped | failed | oom | duplicate
+    status TEXT NOT NULL,           -- running | done | stopped | failed | oom | deferred
     epsilon REAL NOT NULL,          -- epsilon when first sampled (the schedule counts these)
     reward REAL,
     metrics TEXT,                   -- JSON: curve, restarts, lr, wall time, ...
@@ -59,6 +60,11 @@ CREATE TABLE IF NOT EXISTS qstates(id INTEGER PRIMARY KEY, state TEXT UNIQUE NOT
 CREATE TABLE IF NOT EXISTS qvalues(id INTEGER PRIMARY KEY, q BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS agent(id INTEGER PRIMARY KEY CHECK (id = 0), rng TEXT NOT NULL);
 """
+# Tables every experiment store has had since schema 1: one of them missing is damage, never "new".
+REQUIRED_TABLES = ("meta", "models", "samples", "qstates", "qvalues", "agent")
+# Added later, created in older stores on first writing open: the Q-values before a run of set-up
+# failures began, so that the circuit breaker can take those failures back (see rollback_streak).
+_CHECKPOINT_SCHEMA = "CREATE TABLE IF NOT EXISTS qcheckpoint(id INTEGER PRIMARY KEY, q BLOB NOT NULL);"
 _TRAINED_SQL = ", ".join(f"'{s.value}'" for s in TRAINED)
 _MEASURED_SQL = ", ".join(f"'{s.value}'" for s in MEASURED)
 
@@ -104,11 +110,38 @@ def _check_is_file(path: Path) -> None:
         raise StoreError(f"experiment store {path} is not a regular file")
 
 
+def writer_active(path: Path) -> bool:
+    """Whether a search (or finish) holds the store's writer lock right now."""
+    lock_path = Path(str(path) + ".lock")
+    try:
+        fh = open(lock_path)  # noqa: SIM115 -- closed below
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        fh.close()
+    return False
+
+
+def _quiet_readonly(path: Path) -> bool:
+    """A reader may open the file immutable (so SQLite creates no -wal/-shm beside it) when no
+    writer is active and no committed transaction waits in a write-ahead log."""
+    wal = Path(f"{path}-wal")
+    return not writer_active(path) and (not wal.exists() or wal.stat().st_size == 0)
+
+
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     _check_is_file(path)
     if readonly:
         if not path.exists():
             raise StoreError(f"no experiment store at {path}")
+        if _quiet_readonly(path):
+            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True, timeout=30)
+            conn.row_factory = sqlite3.Row
+            return conn
         conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
         try:
             conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
@@ -201,6 +234,7 @@ class ExperimentStore:
         self.conn = conn
         self._lock = lock
         self._persisted_states = 0
+        self._reader_files: List[Path] = []  # -shm a read-only open created: removed again on close
 
     # -- opening ------------------------------------------------------------------
     @classmethod
@@ -242,6 +276,7 @@ class ExperimentStore:
             store = cls(path, conn, lock)
             store._init_schema()
             store._check_meta(config, normalize)
+            store._check_integrity()
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -258,10 +293,14 @@ class ExperimentStore:
         path = Path(path)
         if path.is_file() and path.stat().st_size == 0:
             raise StoreError(f"experiment store {path} is empty (a search may be creating it)")
+        shm = Path(f"{path}-shm")
+        shm_before = os.path.lexists(str(shm))
         try:
             store = cls(path, _connect(path, readonly=True), None)
         except (sqlite3.Error, OSError) as exc:
             raise _store_error(path, exc) from None
+        if not shm_before:
+            store._reader_files.append(shm)
         try:
             meta = store.meta()
             if "config" not in meta:
@@ -269,25 +308,90 @@ class ExperimentStore:
             if meta.get("schema") != str(SCHEMA_VERSION):
                 raise StoreError(f"{path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
             store.config()
+            store._check_integrity(full=False)
         except BaseException:
             store.close()
             raise
         return store
 
+    def _tables(self) -> Set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     @_guarded
     def _init_schema(self) -> None:
-        """Create the tables of a new store."""
+        """Create the tables of a new store; an existing one must have every table it ever had.
+
+        ``CREATE TABLE IF NOT EXISTS`` alone would recreate a dropped ``models`` or ``samples``
+        table empty, and the search would go on as if those models had never been trained.
+        """
+        tables = self._tables()
+        if tables:
+            missing = [t for t in REQUIRED_TABLES if t not in tables]
+            if missing:
+                raise StoreError(
+                    f"experiment store {self.path} is damaged: its table{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing (a damaged store is never "
+                    "recreated: restore it from a copy, or start a new experiment)"
+                )
         with self.conn:
-            self.conn.executescript(_SCHEMA)
+            self.conn.executescript(_SCHEMA + _CHECKPOINT_SCHEMA)
         # Fail now, not at the first result, on a database this process may read but not write.
         self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute("ROLLBACK")
+
+    @_guarded
+    def _check_integrity(self, full: bool = True) -> None:
+        """Refuse a store whose parts disagree: each of these is damage that would otherwise turn
+        into silently wrong rewards (models trained again, replays of results that are gone, an
+        RNG that starts over)."""
+        conn = self.conn
+
+        def count(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0])
+
+        def damaged(why: str) -> StoreError:
+            return StoreError(
+                f"experiment store {self.path} is damaged: {why} (a damaged store is never repaired by guessing: "
+                "restore it from a copy, or start a new experiment)"
+            )
+
+        if full:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise damaged(f"SQLite's check says {str(check)[:120]!r}")
+        missing = [t for t in REQUIRED_TABLES if t not in self._tables()]
+        if missing:
+            raise damaged(f"table {', '.join(missing)} missing")
+        models, samples = count("SELECT COUNT(*) FROM models"), count("SELECT COUNT(*) FROM samples")
+        if not self.meta().get("config") and (models or samples):
+            raise damaged("it holds models but no config")
+        if (models or samples) and count("SELECT COUNT(*) FROM agent") == 0:
+            raise damaged("the agent's random-number state is missing")
+        if samples and count("SELECT COUNT(*) FROM qvalues") == 0:
+            raise damaged("it holds samples but no Q-values")
+        if count("SELECT COUNT(*) FROM qvalues v LEFT JOIN qstates s ON s.id = v.id WHERE s.id IS NULL"):
+            raise damaged("Q-values without their states")
+        if count("SELECT COUNT(*) FROM samples s LEFT JOIN models m ON m.arch = s.arch WHERE m.id IS NULL"):
+            raise damaged("samples of models it does not hold")
+        unsampled = count(  # a join, not NOT EXISTS: SQLite indexes it on the fly (ms, not s, at paper scale)
+            "SELECT COUNT(*) FROM models m LEFT JOIN (SELECT DISTINCT arch FROM samples) s ON s.arch = m.arch "
+            f"WHERE m.status IN ({_TRAINED_SQL}) AND s.arch IS NULL"
+        )
+        if unsampled:
+            raise damaged(f"{unsampled} trained models without their samples")
+        if count(f"SELECT COUNT(*) FROM models WHERE status IN ({_TRAINED_SQL}) AND reward IS NULL"):
+            raise damaged("trained models without a reward")
 
     def close(self) -> None:
         self.conn.close()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if self._reader_files and not writer_active(self.path):
+            for f in self._reader_files:  # SQLite's index of a log that a writer rebuilds anyway
+                with contextlib.suppress(OSError):
+                    f.unlink()
+        self._reader_files = []
 
     def __enter__(self) -> "ExperimentStore":
         return self
@@ -310,11 +414,14 @@ class ExperimentStore:
                         ("schema", str(SCHEMA_VERSION)),
                         ("config", json.dumps(config, sort_keys=True)),
                         ("created", str(time.time())),
+                        ("experiment_id", uuid.uuid4().hex),
                     ],
                 )
             return
         if meta.get("schema") != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
+        if "experiment_id" not in meta:  # a store made before model folders carried an identity
+            self.set_meta("experiment_id", uuid.uuid4().hex)
         if config is not None:
             stored = self.config()
             given = json.loads(json.dumps(config))
@@ -331,6 +438,10 @@ class ExperimentStore:
     @_guarded
     def meta(self) -> Dict[str, str]:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}
+
+    def experiment_id(self) -> str:
+        """This experiment's own name for itself: every model folder it writes carries it."""
+        return self.meta().get("experiment_id", "")
 
     @_guarded
     def set_meta(self, key: str, value: str) -> None:
@@ -491,16 +602,20 @@ class ExperimentStore:
         reward: Optional[float],
         metrics: Optional[Dict[str, Any]] = None,
         message: Optional[str] = None,
+        checkpoint: bool = False,
     ) -> None:
         """Commit one sampled architecture and everything the agent learnt from it, atomically.
 
         ``status``: 'done' / 'failed' (rewarded, in the replay memory), 'duplicate'
-        (already trained: sample row only) or 'oom' (skipped, no reward).
+        (already trained: sample row only) or 'oom' (skipped, no reward).  ``checkpoint``: keep
+        the Q-values as they were before this result, for :meth:`rollback_streak`.
         """
         now = time.time()
         rewarded = status != ModelStatus.OOM
         with self.conn:
             conn = self.conn
+            if checkpoint:
+                self._write_checkpoint(agent.iteration - 1)
             if status in TRAINED or status == ModelStatus.OOM:
                 conn.execute(
                     "INSERT INTO models(arch, status, epsilon, reward, metrics, message, attempts, finished) "
@@ -532,6 +647,76 @@ class ExperimentStore:
         # Only once the transaction is durable do these rows count as written.
         self._persisted_states = len(agent.q)
         agent.q.mark_clean(len(agent.q))
+
+    def _write_checkpoint(self, last_iteration: int) -> None:
+        """The stored Q-values before the commit now being written (inside its transaction)."""
+        conn = self.conn
+        conn.execute("DELETE FROM qcheckpoint")
+        conn.execute("INSERT INTO qcheckpoint(id, q) SELECT id, q FROM qvalues")
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('checkpoint', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (json.dumps({"iteration": last_iteration, "states": self._persisted_states}),),
+        )
+
+    @_guarded
+    def checkpoint(self, agent: Agent) -> None:
+        """A checkpoint of the stored Q-values now (a run of set-up failures may begin here)."""
+        with self.conn:
+            self._write_checkpoint(agent.iteration)
+
+    @_guarded
+    def rollback_streak(self, model_ids: Sequence[int], reason: str) -> List[str]:
+        """Take back a run of failures that the circuit breaker blamed on the set-up, atomically.
+
+        The Q-values return to the checkpoint written with the first of them; every sample
+        committed since (those failures, and duplicates answered meanwhile) is removed; the
+        blamed models become 'deferred' (no reward, trained first on the next run).  The RNG
+        keeps its newest state: no random number is ever drawn twice.  Returns their archs.
+        """
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'checkpoint'").fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: no checkpoint to roll the blamed failures back to")
+        point = json.loads(row["value"])
+        ids = sorted(set(int(i) for i in model_ids))
+        marks = ", ".join("?" for _ in ids)
+        with self.conn:
+            conn = self.conn
+            archs = [r["arch"] for r in conn.execute(f"SELECT arch FROM models WHERE id IN ({marks})", ids)]
+            conn.execute("DELETE FROM qvalues")
+            conn.execute("INSERT INTO qvalues(id, q) SELECT id, q FROM qcheckpoint WHERE id < ?", (point["states"],))
+            conn.execute("DELETE FROM qstates WHERE id >= ?", (point["states"],))
+            conn.execute("DELETE FROM samples WHERE iteration > ?", (point["iteration"],))
+            conn.execute(
+                f"UPDATE models SET status = 'deferred', reward = NULL, finished = NULL, "
+                f"message = ? || COALESCE(message, '') WHERE id IN ({marks})",
+                (f"{reason}; was: ", *ids),
+            )
+            conn.execute("DELETE FROM meta WHERE key = 'checkpoint'")
+        return archs
+
+    @_guarded
+    def defer_model(self, arch: str, message: str, metrics: Optional[Dict[str, Any]] = None) -> None:
+        """Set a model aside without a reward: nothing the agent learns changes (see ModelStatus)."""
+        with self.conn:
+            self.conn.execute(
+                "UPDATE models SET status = 'deferred', reward = NULL, message = ?, metrics = ?, finished = ? "
+                "WHERE arch = ?",
+                (message, json.dumps(metrics or {}, sort_keys=True), time.time(), arch),
+            )
+
+    @_guarded
+    def record_skipped(self, agent: Agent, proposal: Proposal) -> None:
+        """A sample of a model set aside in this run: it teaches nothing (a sample without a reward)."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO samples(iteration, arch, epsilon, reward, duplicate, time) VALUES (?, ?, ?, NULL, 0, ?)",
+                (agent.iteration, proposal.arch, proposal.epsilon, time.time()),
+            )
+            self._write_rng(agent)
+
+    def resumable(self) -> List[ModelRow]:
+        """Models to train first when a search starts: those in flight when it stopped, then those set aside."""
+        return self.models(ModelStatus.RUNNING) + self.models(ModelStatus.DEFERRED)
 
     @_guarded
     def record_finished(self, arch: str, reward: float, metrics: Dict[str, Any]) -> None:
