@@ -39,7 +39,9 @@ from metaqnn.trainer import _accuracy_curve, read_runs  # noqa: E402
 from qagent.agent import Agent  # noqa: E402
 from qagent.store import ExperimentStore  # noqa: E402
 
-STEPS = [[1.0, 8], [0.5, 4], [0.1, 4]]  # 16 unique models of up to 3 layers: minutes on 2 busy cores
+# 24 unique models of up to 3 layers: minutes on 2 busy cores, and enough work that the search is
+# still running at the 24th kill (a resumed model no longer redoes a finished probe, so 16 were not)
+STEPS = [[1.0, 12], [0.5, 6], [0.1, 6]]
 SETTINGS = ["--set", f"schedule.steps={json.dumps(STEPS)}", "--set", "space.max_depth=3"]
 TOTAL = sum(n for _, n in STEPS)
 POINTS = ["trained", "result-written", "pruning", "pruned", "commit"]

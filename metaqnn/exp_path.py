@@ -28,7 +28,7 @@ from qagent.errors import MetaQNNError, quote
 
 STORE_NAME = "store.sqlite"  # the same name as metaqnn.experiment.STORE_NAME (kept import-light here)
 # What a search leaves in its folder when it is killed between taking the lock and writing the store.
-STORE_REMNANTS = frozenset({f"{STORE_NAME}.lock", f"{STORE_NAME}-wal", f"{STORE_NAME}-shm"})
+STORE_REMNANTS = frozenset({STORE_NAME, f"{STORE_NAME}.lock", f"{STORE_NAME}-wal", f"{STORE_NAME}-shm"})
 NAME_MAX = 255  # bytes in one path component (Linux file systems)
 PATH_MAX = 4096  # bytes in a whole path
 
@@ -102,8 +102,20 @@ def checked_path(value: Union[str, Path], what: str) -> Path:
 
 
 def is_experiment_dir(path: Path) -> bool:
-    """Does ``path`` hold an experiment, or what claims to be one (anything named ``store.sqlite``)?"""
-    return os.path.lexists(str(Path(path) / STORE_NAME))
+    """Does ``path`` hold an experiment, or what claims to be one (anything named ``store.sqlite``
+    but an empty file)?
+
+    An empty store is what a search killed while creating it leaves; beside anything else (the
+    model folders of an experiment whose store was emptied) it would start a new experiment over
+    them, so an empty store counts as one of a killed creation's remnants.
+    """
+    store = Path(path) / STORE_NAME
+    if not os.path.lexists(str(store)):
+        return False
+    try:
+        return not (store.is_file() and not store.is_symlink() and store.stat().st_size == 0)
+    except OSError:
+        return True  # the store names what is wrong with it
 
 
 def check_experiment_dir(exp_dir: Path, what: str = "--exp") -> Path:
@@ -128,7 +140,7 @@ def check_experiment_dir(exp_dir: Path, what: str = "--exp") -> Path:
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise PathError(
-            f"{what} {exp_dir} is a folder that is not empty and holds no experiment (no {STORE_NAME}; "
+            f"{what} {exp_dir} is a folder that is not empty and holds no experiment (no {STORE_NAME}, or an empty one; "
             f"it holds {shown}): give a new or empty folder, or an existing experiment"
         )
     return exp_dir

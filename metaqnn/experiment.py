@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from metaqnn.config import PROJECT_ROOT, Config, stored_config
+from qagent.errors import StoreError
 from qagent.store import ExperimentStore
 
 STORE_NAME = "store.sqlite"
@@ -36,6 +37,23 @@ def read_identity(folder: Path) -> Optional[Dict[str, Any]]:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def experiment_id(store: ExperimentStore, exp_dir: Path) -> str:
+    """The experiment id every model folder of a writing command must carry.
+
+    A store from before model folders carried one gets its id now; a store without an id whose
+    model folders name one lost it (damage: the folders could never be adopted again)."""
+    found = store.experiment_id()
+    if found:
+        return found
+    named = next(iter(sorted((Path(exp_dir) / MODELS).glob(f"*/{IDENTITY}"))), None)
+    if named is not None:
+        raise StoreError(
+            f"experiment store {store.path} is damaged: it has no experiment id, but {named} names one "
+            "(a damaged store is never repaired by guessing: restore it from a copy, or start a new experiment)"
+        )
+    return store.assign_experiment_id()
 
 
 def default_data_dir(config: Config) -> Path:

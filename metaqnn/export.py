@@ -196,15 +196,17 @@ def result_json_check(arch: str, model_id: Optional[int] = None, experiment_id: 
     from a backup) must not lend that model's weights to this one under its name.
     """
 
+    wanted = {"architecture": _canonical(arch), "model": model_id, "experiment": experiment_id}
+
+    def differs(identity: Any, where: Path) -> Optional[str]:
+        if not isinstance(identity, dict):
+            return f"{where} holds no readable identity"
+        for key, value in wanted.items():
+            if value is not None and identity.get(key) != value:
+                return f"{ANOTHER_MODEL} ({where} names {key} {identity.get(key)!r})"
+        return None
+
     def check(folder: Path) -> Optional[str]:
-        if (folder / IDENTITY).exists():
-            identity = read_identity(folder)
-            if identity is None:
-                return f"{folder / IDENTITY} is unreadable"
-            wanted = {"architecture": _canonical(arch), "model": model_id, "experiment": experiment_id}
-            for key, value in wanted.items():
-                if value is not None and identity.get(key) != value:
-                    return f"{ANOTHER_MODEL} ({folder / IDENTITY} names {key} {identity.get(key)!r})"
         path = folder / "result.json"
         try:
             record = json.loads(path.read_text())
@@ -212,7 +214,17 @@ def result_json_check(arch: str, model_id: Optional[int] = None, experiment_id: 
             return f"no result.json in {folder} (the model was trained elsewhere, or its folder was removed)"
         except (OSError, ValueError) as exc:
             return f"{path} is unreadable ({exc})"
-        recorded = record.get("architecture") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            return f"{path} is not a result"
+        if os.path.lexists(str(folder / IDENTITY)) or "identity" in record:  # written since folders carry one
+            if not os.path.lexists(str(folder / IDENTITY)):
+                return f"{folder / IDENTITY} is missing (its result.json says the folder had one)"
+            problem = differs(read_identity(folder), folder / IDENTITY) or differs(record.get("identity"), path)
+            if problem is not None:
+                return problem
+            if record.get("identity") != read_identity(folder):
+                return f"{ANOTHER_MODEL} ({path} and {folder / IDENTITY} disagree)"
+        recorded = record.get("architecture")
         if _canonical(recorded) != _canonical(arch):
             return f"{ANOTHER_MODEL} ({path} names {recorded})"
         return None

@@ -336,6 +336,15 @@ def _prob_net(folder: Path) -> Path:
     return path
 
 
+def _caffe_complaint(stderr: str) -> str:
+    """Caffe's own reason from its stderr: the fatal line (F...), not the stack trace glog prints after it."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    fatal = next((ln for ln in lines if re.match(r"^F\d{4} ", ln)), None)
+    if fatal is not None:
+        return fatal.split("] ", 1)[-1][:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
 def ensemble_of(folders: List[Path], labels: Any, gpu: Optional[int] = None, log: Any = print) -> Dict[str, Any]:
     """Average the test-set softmax outputs of finetuned model folders; score against ``labels``."""
     caffe = find_caffe(gpu=gpu is not None)
@@ -362,7 +371,11 @@ def ensemble_of(folders: List[Path], labels: Any, gpu: Optional[int] = None, log
             ] + (["GPU", str(gpu)] if gpu is not None else [])
             proc = subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=3600)
             if proc.returncode != 0:
-                raise FinetuneError(f"extract_features failed for {folder.name}: {proc.stderr.strip()[-300:]}")
+                shutil.rmtree(out, ignore_errors=True)  # a half-written output is never read as probabilities
+                raise FinetuneError(
+                    f"extract_features failed for {folder.name} on its weights {folder / result['weights']}: "
+                    f"{_caffe_complaint(proc.stderr)} (rerun `metaqnn finetune` if the weights are damaged)"
+                )
         datum = load_schema().Datum
         p = np.array([list(datum.FromString(v).float_data) for _, v in iter_lmdb(out)])[:n]
         probs.append(p)

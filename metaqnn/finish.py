@@ -15,7 +15,7 @@ from data_prep.sources import DataError
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.config import upgrade_record
-from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir, model_dir
+from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir, experiment_id, model_dir
 from metaqnn.search import JobPlaces, build_job
 from metaqnn.trainer import Trainer
 from qagent.arch import parse_architecture
@@ -101,7 +101,8 @@ def finish_stopped(
     out: List[Dict[str, Any]] = []
     problems: List[str] = []
     with ExperimentStore.open(path, config.to_dict(), normalize=upgrade_record) as store:
-        places = JobPlaces(caffe.binary, data_dir, manifest["sets"], Path(exp_dir).resolve(), store.experiment_id())
+        exp_id = experiment_id(store, Path(exp_dir))
+        places = JobPlaces(caffe.binary, data_dir, manifest["sets"], Path(exp_dir).resolve(), exp_id)
         chosen = choose(store.models(), top, ids)
         if not chosen:
             log(f"experiment {exp_dir} has no model stopped early to finish")

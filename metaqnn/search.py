@@ -31,6 +31,7 @@ from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
 from metaqnn.exp_path import check_experiment_dir
 from metaqnn.experiment import (
     STORE_NAME,
+    experiment_id,
     model_dir,
     source_or_default,
 )
@@ -246,6 +247,7 @@ def _search_in_store(
     space, data_dir = config.space, options.data_dir
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
         store.set_meta("data_dir", str(data_dir))  # the experiment exists only once everything above passed
+        exp_id = experiment_id(store, options.exp_dir)
         agent = Agent(space, config.schedule, config.agent)
         store.load_agent(agent)
         progress = Progress(agent, store, log)
@@ -255,7 +257,7 @@ def _search_in_store(
             return build_job(
                 config,
                 protocol,
-                JobPlaces(caffe.binary, data_dir, sets, options.exp_dir, store.experiment_id()),
+                JobPlaces(caffe.binary, data_dir, sets, options.exp_dir, exp_id),
                 model_id,
                 p.layers,
                 p.arch,
@@ -452,6 +454,7 @@ class _SearchLoop:
         if result.status == ModelStatus.DEFERRED:
             agent.pass_over(p.arch, count=False)
             self.deferred.add(p.arch)
+            self.sent -= 1  # --max-models counts models trained: another takes its place
             if starts:
                 self.store.checkpoint(agent)
             self.store.defer_model(p.arch, result.message, metrics)

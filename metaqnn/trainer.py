@@ -595,8 +595,8 @@ class Trainer:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if data.get("architecture") != format_architecture(self.job.layers):
-            return None
+        if data.get("architecture") != format_architecture(self.job.layers) or data.get("identity") != self.identity:
+            return None  # not this model's result (a copy from another folder, or from another run of it)
         if data.get("status") not in [s.value for s in _RESULT_STATUSES]:
             return None  # set aside (deferred), or not a result at all: train again
         known = set(TrainResult.__dataclass_fields__)
@@ -647,7 +647,7 @@ class Trainer:
         write_csvs(merge_states(self._history()), self.dir / "history")  # every epoch of the lineage, once
         for path in [*self.dir.glob("*.log"), *self.dir.glob("*.train"), *self.dir.glob("*.test")]:
             fsync_file(path)
-        record = {"architecture": format_architecture(self.job.layers), **result.metrics()}
+        record = {"architecture": format_architecture(self.job.layers), "identity": self.identity, **result.metrics()}
         write_atomic(self.dir / "result.json", json.dumps(record, indent=1))
         faults.point("result-written")
         if result.best_iteration is not None:  # a finished model keeps only its best weights
@@ -732,13 +732,40 @@ class Trainer:
             if self.decision is not None:
                 return self._stopped_result(self.decision, lr)
             assert resume is not None
-            self.progress(f"training to {proto.epochs} epochs from {resume.name}")
-            o, verdict = self._run_with_retry(solver, resume, f"train{state['runs']}", [])
+            o, verdict = self._run_from_snapshot(solver, resume)
             if o.stopped_early and self.decision is not None:
                 return self._stopped_result(self.decision, lr)
         if verdict is not None and verdict.failure not in (FailureKind.TIMEOUT, FailureKind.STALLED):
             return verdict.result(restarts=state["restart"], learning_rate=lr)
         return self._full_result(o, verdict, lr)
+
+    def _run_from_snapshot(self, solver: Path, resume: Path) -> Tuple[RunOutcome, Optional[Verdict]]:
+        """The full run from ``resume``; a snapshot caffe cannot read (truncated, overwritten) is no
+        verdict on the net: it is deleted and the run starts from the next older one, or afresh."""
+        while True:
+            self.progress(f"training to {self.job.protocol.epochs} epochs from {resume.name}")
+            o, verdict = self._run_with_retry(solver, resume, f"train{self.state['runs']}", [])
+            damaged = self._unreadable_snapshot(o, verdict, resume)
+            if damaged is None:
+                return o, verdict
+            for path in _snapshot_files(self.snap_dir).get(damaged, []):
+                path.unlink(missing_ok=True)
+            self._note(
+                f"caffe could not read the snapshot of iteration {damaged} ({verdict.message if verdict else ''}"
+                "); it is deleted and the training continues from an older one"
+            )
+            older = self._latest_solverstate(min_iter=self.ipe)
+            if older is None:
+                raise _StartAfresh(f"its only snapshot to continue from ({resume}) is unreadable")
+            resume = older
+
+    def _unreadable_snapshot(self, o: RunOutcome, verdict: Optional[Verdict], resume: Path) -> Optional[int]:
+        """The iteration of ``resume`` if caffe's fatal error names its files (it could not read them)."""
+        if verdict is None or verdict.failure != FailureKind.REJECTED:
+            return None
+        it = self._iter_of(resume)
+        needle = f"_iter_{it}."
+        return it if any(needle in line for line in o.state.fatal) else None
 
     # -- early stopping ------------------------------------------------------------------
     def _model_info(self) -> ModelInfo:

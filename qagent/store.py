@@ -66,6 +66,8 @@ REQUIRED_TABLES = ("meta", "models", "samples", "qstates", "qvalues", "agent")
 # failures began, so that the circuit breaker can take those failures back (see rollback_streak).
 _CHECKPOINT_SCHEMA = "CREATE TABLE IF NOT EXISTS qcheckpoint(id INTEGER PRIMARY KEY, q BLOB NOT NULL);"
 _TRAINED_SQL = ", ".join(f"'{s.value}'" for s in TRAINED)
+# a column value that is set but is not a number in [0, 1] (a reward or an epsilon)
+_NOT_A_RATE = "({0} IS NOT NULL AND (typeof({0}) NOT IN ('real', 'integer') OR {0} < 0 OR {0} > 1))"
 _MEASURED_SQL = ", ".join(f"'{s.value}'" for s in MEASURED)
 
 
@@ -381,6 +383,18 @@ class ExperimentStore:
             raise damaged(f"{unsampled} trained models without their samples")
         if count(f"SELECT COUNT(*) FROM models WHERE status IN ({_TRAINED_SQL}) AND reward IS NULL"):
             raise damaged("trained models without a reward")
+        for table in ("models", "samples"):
+            if count(
+                f"SELECT COUNT(*) FROM {table} WHERE {_NOT_A_RATE.format('reward')} OR {_NOT_A_RATE.format('epsilon')}"
+            ):
+                raise damaged(f"{table} with a reward or an epsilon that is not a number in [0, 1]")
+        disagree = count(  # a sample keeps the reward the agent was given: the model's, unless finished since
+            "SELECT COUNT(*) FROM samples s JOIN models m ON m.arch = s.arch WHERE s.reward IS NOT NULL "
+            f"AND m.status IN ({_TRAINED_SQL}) AND s.reward != m.reward "
+            "AND instr(COALESCE(m.metrics, ''), '\"stopped_early\"') = 0"
+        )
+        if disagree:
+            raise damaged(f"{disagree} samples whose reward is not their model's")
 
     def close(self) -> None:
         self.conn.close()
@@ -420,8 +434,6 @@ class ExperimentStore:
             return
         if meta.get("schema") != str(SCHEMA_VERSION):
             raise StoreError(f"{self.path} has store schema {meta.get('schema')}, this version reads {SCHEMA_VERSION}")
-        if "experiment_id" not in meta:  # a store made before model folders carried an identity
-            self.set_meta("experiment_id", uuid.uuid4().hex)
         if config is not None:
             stored = self.config()
             given = json.loads(json.dumps(config))
@@ -442,6 +454,13 @@ class ExperimentStore:
     def experiment_id(self) -> str:
         """This experiment's own name for itself: every model folder it writes carries it."""
         return self.meta().get("experiment_id", "")
+
+    def assign_experiment_id(self) -> str:
+        """Give a store made before model folders carried an identity its experiment id (the caller
+        has checked that no model folder names one: then the id was deleted, and that is damage)."""
+        if not self.experiment_id():
+            self.set_meta("experiment_id", uuid.uuid4().hex)
+        return self.experiment_id()
 
     @_guarded
     def set_meta(self, key: str, value: str) -> None:

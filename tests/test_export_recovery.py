@@ -65,6 +65,10 @@ def rank(exp: Path, rewards: Dict[int, float], stopped: Iterable[int] = ()) -> N
         for model_id, reward in rewards.items():
             status = "stopped" if model_id in stopped else "done"
             conn.execute("UPDATE models SET reward = ?, status = ? WHERE id = ?", (reward, status, model_id))
+            # the samples hold the reward the agent was given: the same, or the store is damaged
+            conn.execute(
+                "UPDATE samples SET reward = ? WHERE arch = (SELECT arch FROM models WHERE id = ?)", (reward, model_id)
+            )
 
 
 def ranked(out: Path) -> Dict[str, int]:

@@ -97,6 +97,20 @@ def test_lost_snapshots_of_a_training_in_flight_restart_it_instead_of_failing_it
     assert any("holds no complete snapshot" in n for n in result.notes), result.notes
 
 
+def test_a_truncated_snapshot_is_no_verdict_on_the_net(digits_data, tmp_path):
+    """kill -9 mid-training, then the snapshot to continue from is cut short: caffe refuses to read
+    it, which is no failure of the net (never a "rejected" reward); the snapshot is dropped and
+    the training continues from the one before."""
+    job, reference = killed_training(digits_data, tmp_path, KILL_AT_SNAPSHOT_LINE, "111")
+    for snap in (job.model_dir / "snapshots").glob("*.caffemodel"):
+        if int(snap.stem.rsplit("_", 1)[1]) >= 74:
+            snap.write_bytes(snap.read_bytes()[:50])
+    result = Trainer(job).train()
+    assert result.status == ModelStatus.DONE and result.failure is None, result.message
+    assert any("could not read the snapshot of iteration 74" in n for n in result.notes), result.notes
+    assert [it for it, _ in result.curve] == [it for it, _ in reference.curve]
+
+
 # --- 2. a caffe killed by a signal is not the net's failure --------------------------------------
 
 

@@ -135,13 +135,13 @@ def test_a_model_set_aside_is_not_rewarded_and_not_sampled_as_trained(tmp_path):
         calls["n"] += 1
         return sigsegv if calls["n"] % 3 == 0 else synthetic.synthetic_result(p.arch)
 
-    _search(path, every_third, max_models=9)
+    _search(path, every_third, max_models=9)  # --max-models counts trained models: 9 trained, 4 set aside
     with ExperimentStore.open_readonly(path) as store:
         deferred = store.models("deferred")
-        assert len(deferred) == 3 and all(m.reward is None for m in deferred)
+        assert len(deferred) == 4 and all(m.reward is None for m in deferred)
         sampled = {s["arch"] for s in store.samples() if s["reward"] is not None}
         assert not sampled & {m.arch for m in deferred}
-        assert sum(store.trained_per_epsilon().values()) == 6
+        assert sum(store.trained_per_epsilon().values()) == 9
 
 
 def test_export_takes_weights_only_from_a_folder_whose_identity_is_the_models(tmp_path):
@@ -153,7 +153,63 @@ def test_export_takes_weights_only_from_a_folder_whose_identity_is_the_models(tm
     (folder / "result.json").write_text(json.dumps({"architecture": arch}))
     legacy = result_json_check(arch, 5, "exp-a")(folder)
     assert legacy is None  # a folder from before identity.json: its result.json decides
-    (folder / "identity.json").write_text(json.dumps({"architecture": arch, "model": 5, "experiment": "exp-b"}))
+    identity = {"architecture": arch, "model": 5, "experiment": "exp-b"}
+    (folder / "identity.json").write_text(json.dumps(identity))
+    (folder / "result.json").write_text(json.dumps({"architecture": arch, "identity": identity}))
     assert ANOTHER_MODEL in (result_json_check(arch, 5, "exp-a")(folder) or "")
     assert ANOTHER_MODEL in (result_json_check(arch, 6, "exp-b")(folder) or "")
     assert result_json_check(arch, 5, "exp-b")(folder) is None
+    (folder / "identity.json").unlink()  # the result says the folder had one: deleted is not legacy
+    assert "identity.json is missing" in (result_json_check(arch, 5, "exp-b")(folder) or "")
+    other = dict(identity, model=4)  # a result copied in from another model's folder
+    (folder / "identity.json").write_text(json.dumps(identity))
+    (folder / "result.json").write_text(json.dumps({"architecture": arch, "identity": other}))
+    assert ANOTHER_MODEL in (result_json_check(arch, 5, "exp-b")(folder) or "")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE models SET reward = 'abc' WHERE id = 2",
+        "UPDATE models SET reward = 5.0 WHERE id = 1",
+        "UPDATE samples SET reward = 0.99 WHERE iteration = 1",
+        "UPDATE models SET epsilon = 'x' WHERE id = 3",
+        "DELETE FROM meta WHERE key = 'config'",
+    ],
+)
+def test_values_that_are_not_what_they_claim_are_damage(small_store, damage):
+    with sqlite3.connect(small_store) as conn:
+        conn.execute(damage)
+    with pytest.raises(StoreError, match=r"damaged|not an experiment store|not a readable experiment store"):
+        ExperimentStore.open(small_store, synthetic.config().to_dict())
+    with pytest.raises(StoreError, match=r"damaged|not an experiment store|not a readable experiment store"):
+        ExperimentStore.open_readonly(small_store)
+
+
+def test_a_lost_experiment_id_is_damage_when_model_folders_name_one(tmp_path, small_store):
+    from metaqnn.experiment import experiment_id
+
+    with ExperimentStore.open(small_store, synthetic.config().to_dict()) as store:
+        assert experiment_id(store, tmp_path) == store.experiment_id() != ""
+    with sqlite3.connect(small_store) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'experiment_id'")
+    (tmp_path / "models" / "00001").mkdir(parents=True)
+    (tmp_path / "models" / "00001" / "identity.json").write_text("{}")
+    with ExperimentStore.open(small_store, synthetic.config().to_dict()) as store, pytest.raises(
+        StoreError, match="no experiment id"
+    ):
+        experiment_id(store, tmp_path)
+
+
+def test_an_empty_store_beside_model_folders_is_not_an_experiment(tmp_path):
+    from metaqnn.exp_path import PathError, check_experiment_dir
+
+    killed = tmp_path / "killed"  # a search killed while creating its store: resumable
+    killed.mkdir()
+    (killed / "store.sqlite").write_bytes(b"")
+    assert check_experiment_dir(killed) == killed
+    emptied = tmp_path / "emptied"  # a store emptied under its model folders: never a new experiment
+    (emptied / "models" / "00001").mkdir(parents=True)
+    (emptied / "store.sqlite").write_bytes(b"")
+    with pytest.raises(PathError, match="or an empty one"):
+        check_experiment_dir(emptied)
