@@ -39,9 +39,9 @@ from metaqnn.trainer import _accuracy_curve, read_runs  # noqa: E402
 from qagent.agent import Agent  # noqa: E402
 from qagent.store import ExperimentStore  # noqa: E402
 
-# 24 unique models of up to 3 layers: minutes on 2 busy cores, and enough work that the search is
-# still running at the 24th kill (a resumed model no longer redoes a finished probe, so 16 were not)
-STEPS = [[1.0, 12], [0.5, 6], [0.1, 6]]
+# 48 unique models of up to 3 layers: minutes on 2 cores, and enough work that the search is still
+# running at the 24th kill (resumes redo less work since issue 24: 16 or 24 models ended after 13)
+STEPS = [[1.0, 24], [0.5, 12], [0.1, 12]]
 SETTINGS = ["--set", f"schedule.steps={json.dumps(STEPS)}", "--set", "space.max_depth=3"]
 TOTAL = sum(n for _, n in STEPS)
 POINTS = ["trained", "result-written", "pruning", "pruned", "commit"]
@@ -67,7 +67,10 @@ def caffes_of(exp: Path) -> List[int]:
             stat = (proc / "stat").read_text()
         except OSError:
             continue
-        if b"caffe" in cmd and str(exp).encode() in cmd and b"metaqnn" not in cmd and ") Z" not in stat:
+        # the caffe binary itself (argv[0]), not the search (python -m metaqnn) nor a folder named
+        # metaqnn-...: /tmp/metaqnn-chaos, the default --out, is in every caffe's command line
+        program = os.path.basename(cmd.split(b"\0", 1)[0])
+        if program.startswith(b"caffe") and str(exp).encode() in cmd and ") Z" not in stat:
             found.append(int(proc.name))
     return found
 

@@ -60,20 +60,28 @@ class FinishError(MetaQNNError):
 
 
 def _kept_snapshot_problem(folder: Path) -> Optional[str]:
-    """Why a stopped model cannot be finished from its folder (None when it can)."""
-    for name in ("result.json", "result-stopped.json"):
-        try:
-            data = json.loads((folder / name).read_text())
-        except (OSError, ValueError):
-            continue
-        it = data.get("resume_iteration")
-        if it is None:
-            return f"{folder / name} names no snapshot to finish it from"
-        for suffix in ("caffemodel", "solverstate"):
-            if not list((folder / "snapshots").glob(f"*_iter_{int(it)}.{suffix}")):
-                return f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}.{suffix} is missing"
-        return None
-    return f"{folder} holds no readable result of a model stopped early"
+    """Why a stopped model cannot be finished from its folder (None when it can).
+
+    Only a folder whose ``result.json`` is still the stopped one is checked: a finish killed
+    midway (``result-stopped.json`` beside a newer result, or none yet) is resumed by the trainer
+    from wherever that run got to."""
+    try:
+        data = json.loads((folder / "result.json").read_text())
+    except FileNotFoundError:
+        if (folder / "result-stopped.json").exists():
+            return None  # a finish in progress: continued from its newest snapshot
+        return f"{folder} holds no result of a model stopped early"
+    except (OSError, ValueError) as exc:
+        return f"{folder / 'result.json'} is unreadable ({type(exc).__name__})"
+    if not isinstance(data, dict) or data.get("status") != ModelStatus.STOPPED.value:
+        return None  # finished before a kill: recovered, not trained again
+    it = data.get("resume_iteration")
+    if it is None:
+        return f"{folder / 'result.json'} names no snapshot to finish it from"
+    for suffix in ("caffemodel", "solverstate"):
+        if not list((folder / "snapshots").glob(f"*_iter_{int(it)}.{suffix}")):
+            return f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}.{suffix} is missing"
+    return None
 
 
 def finish_stopped(

@@ -149,6 +149,9 @@ def test_a_search_with_early_stopping_keeps_predictions_apart_and_survives_kill_
 
     # finish the highest prediction: now measured, the prediction kept beside it, and exported as measured
     best_guess = max(stopped, key=lambda m: (m.reward, -m.id))
+    # killed -9 once after caffe finished, before the result is written: the rerun completes the same model
+    killed = cli("finish", "--exp", str(whole), "--top", "1", env={"METAQNN_KILL_AT": "trained"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     fin = cli("finish", "--exp", str(whole), "--top", "1")
     assert fin.returncode == 0, fin.stdout + fin.stderr
     m = store_models(whole)[best_guess.id]
