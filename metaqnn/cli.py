@@ -144,7 +144,6 @@ def _stall(args: argparse.Namespace) -> "Optional[Stall]":
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from metaqnn.exp_path import check_experiment_dir
     from metaqnn.experiment import default_data_dir
     from metaqnn.search import SearchOptions, format_summary, run_search
     from qagent.errors import ConfigError
@@ -155,7 +154,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError("--trainings-per-gpu packs trainings onto GPUs: give --gpu N or --gpus (CPU: --workers)")
     config = _build_config(args)
     opts = SearchOptions(
-        exp_dir=check_experiment_dir(_exp_dir(args, config.name)),
+        exp_dir=_exp_dir(args, config.name),
         data_dir=_path_arg(args.data_dir, "--data-dir") or default_data_dir(config),
         source=_path_arg(args.source, "--source"),
         gpus=_gpus(args),
@@ -169,10 +168,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         max_same_failures=args.max_same_failures,
         stall=_stall(args),
     )
-    if opts.ray:  # connected (bounded, one line if unreachable) before the experiment folder is created
-        from metaqnn.executors import connect_ray
-
-        connect_ray(opts.ray)
     result = run_search(config, opts)
     print(format_summary(result))
     return 0

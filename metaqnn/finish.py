@@ -17,7 +17,7 @@ from metaqnn.caffe.runner import Stall
 from metaqnn.config import upgrade_record
 from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir, experiment_id, model_dir
 from metaqnn.search import JobPlaces, build_job
-from metaqnn.trainer import Trainer
+from metaqnn.trainer import Trainer, snapshot_files
 from qagent.arch import parse_architecture
 from qagent.errors import ConfigError, MetaQNNError
 from qagent.status import ModelStatus
@@ -78,9 +78,10 @@ def _kept_snapshot_problem(folder: Path) -> Optional[str]:
     it = data.get("resume_iteration")
     if it is None:
         return f"{folder / 'result.json'} names no snapshot to finish it from"
-    for suffix in ("caffemodel", "solverstate"):
-        if not list((folder / "snapshots").glob(f"*_iter_{int(it)}.{suffix}")):
-            return f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}.{suffix} is missing"
+    present = {p.suffix for p in snapshot_files(folder / "snapshots").get(int(it), [])}
+    for suffix in (".caffemodel", ".solverstate"):
+        if suffix not in present:
+            return f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}{suffix} is missing"
     return None
 
 

@@ -27,7 +27,7 @@ from metaqnn.config import Config, upgrade_record
 from metaqnn.early_stop.curves import epochs_trained
 from metaqnn.early_stop.rules import StopRule
 from metaqnn.early_stop.source import RuleSource
-from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor
+from metaqnn.executors import InlineExecutor, LocalExecutor, RayExecutor, connect_ray
 from metaqnn.exp_path import check_experiment_dir
 from metaqnn.experiment import (
     STORE_NAME,
@@ -224,6 +224,8 @@ def run_search(config: Config, options: SearchOptions) -> Dict[str, Any]:
     caffe = find_caffe(gpu=bool(options.gpus) or options.ray_gpus)
     protocol: Protocol = config.protocol.load("search")
     # A cluster that cannot be reached is one bounded line before anything exists (data, store).
+    if options.ray:
+        connect_ray(options.ray)  # the TCP probe first: "connection refused" in a second, not 30 s
     ray_executor = make_executor(options, train_job) if options.ray else None
     try:
         version, sets = check_before_creating(config, options, caffe, protocol)

@@ -170,7 +170,8 @@ def best_of(curve: Sequence[Tuple[int, float]]) -> Optional[Tuple[int, float]]:
     return max(curve, key=lambda p: (p[1], -p[0])) if curve else None
 
 
-def _snapshot_files(folder: Path) -> Dict[int, List[Path]]:
+def snapshot_files(folder: Path) -> Dict[int, List[Path]]:
+    """A snapshots folder's files by iteration (caffemodel and solverstate of each)."""
     out: Dict[int, List[Path]] = {}
     if folder.is_dir():
         for p in folder.iterdir():
@@ -182,7 +183,7 @@ def _snapshot_files(folder: Path) -> Dict[int, List[Path]]:
 
 def prune_snapshots(folder: Path, keep: Sequence[int]) -> None:
     """Delete every snapshot whose iteration is not in ``keep``."""
-    for it, paths in _snapshot_files(folder).items():
+    for it, paths in snapshot_files(folder).items():
         if it not in keep:
             for p in paths:
                 p.unlink(missing_ok=True)
@@ -231,7 +232,7 @@ def resume_point(
     snapshot no parsed line mentions yet is never trusted: caffe logs before it writes, so it
     may still be writing it, or the log reader lags behind caffe.
     """
-    files = _snapshot_files(folder)
+    files = snapshot_files(folder)
     ok = [
         it
         for it, paths in files.items()
@@ -248,7 +249,7 @@ def prune_by_history(folder: Path, facts: SnapshotFacts, keep: Iterable[int] = (
     unless it is the resume point.  Untested snapshots (caffe may be ahead of the log reader, or
     was killed before testing them) and the best weights over *all* runs always stay."""
     resume = resume_point(folder, facts)
-    for it, paths in _snapshot_files(folder).items():
+    for it, paths in snapshot_files(folder).items():
         if it == resume or it in keep or it not in facts.tested:
             continue
         for p in paths:
@@ -260,7 +261,7 @@ def final_prune(folder: Path, best_iteration: int, resume_iteration: Optional[in
     """A finished model keeps only its best weights, a model stopped early also the snapshot to
     finish it from (idempotent: redone when a result is recovered)."""
     kept = {best_iteration, resume_iteration}
-    doomed = [p for it, paths in _snapshot_files(folder).items() for p in paths if it not in kept]
+    doomed = [p for it, paths in snapshot_files(folder).items() for p in paths if it not in kept]
     doomed += [p for p in folder.glob("*.solverstate") if p not in doomed and _iter_in(p) != resume_iteration]
     for n, p in enumerate(doomed):
         p.unlink(missing_ok=True)
@@ -583,7 +584,7 @@ class Trainer:
         it = resume_point(self.snap_dir, snapshot_facts(self._history()), min_iter)
         if it is None:
             return None
-        return next(p for p in _snapshot_files(self.snap_dir)[it] if p.suffix == ".solverstate").relative_to(self.dir)
+        return next(p for p in snapshot_files(self.snap_dir)[it] if p.suffix == ".solverstate").relative_to(self.dir)
 
     # -- the protocol --------------------------------------------------------------------
     def recover(self) -> Optional[TrainResult]:
@@ -748,7 +749,7 @@ class Trainer:
             damaged = self._unreadable_snapshot(o, verdict, resume)
             if damaged is None:
                 return o, verdict
-            for path in _snapshot_files(self.snap_dir).get(damaged, []):
+            for path in snapshot_files(self.snap_dir).get(damaged, []):
                 path.unlink(missing_ok=True)
             self._note(
                 f"caffe could not read the snapshot of iteration {damaged} ({verdict.message if verdict else ''}"
