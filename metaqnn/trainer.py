@@ -196,7 +196,6 @@ class SnapshotFacts:
     best: Optional[int]  # iteration of the best accuracy over the whole history
     tested: Set[int]  # iterations whose latest snapshot was tested afterwards
     complete: Set[int]  # iterations whose latest solverstate write is confirmed by a later log line
-    mentioned: Set[int]  # iterations any run logged a snapshot for
 
 
 def snapshot_facts(states: Sequence[LogState]) -> SnapshotFacts:
@@ -219,7 +218,6 @@ def snapshot_facts(states: Sequence[LogState]) -> SnapshotFacts:
         best=best[0] if best else None,
         tested={it for it, idx in last_test.items() if idx >= last_snap.get(it, -1)},
         complete={it for it, ok in complete.items() if ok},
-        mentioned=set(last_snap),
     )
 
 

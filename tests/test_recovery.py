@@ -218,7 +218,7 @@ def test_a_snapshot_no_log_line_confirms_is_never_the_resume_point(tmp_path):
 
     facts = snapshot_facts([state])
     assert resume_point(snaps, facts) == 37
-    prune_by_history(snaps, SnapshotFacts(best=None, tested={37}, complete={37}, mentioned={37}))
+    prune_by_history(snaps, SnapshotFacts(best=None, tested={37}, complete={37}))
     assert sorted(p.name for p in snaps.iterdir()) == [
         "model_iter_37.caffemodel",
         "model_iter_37.solverstate",
