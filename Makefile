@@ -11,6 +11,9 @@
 #   make finish EXP=svhn FINISH_TOP=5     train the models early stopping stopped with the 5 highest predictions to the end
 #   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
 #   make device-bundle        what scripts/device-check.sh needs on a GPU machine (build/device-check)
+#   make train DATASET=mnist FROM=experiments/cifar10/export/01_model00042 INIT=finetune   one architecture on one dataset
+#       (or ARCH='[C(64,3,1), SM(10)]', NET=published.prototxt, EXP=name MODEL=N; PROTOCOL=, PROTOCOL_SET=, OUT=)
+#   make transfer EXP=cifar10 TO=cifar100,svhn,mnist   Table 5: the best model on each target, scratch and finetuned
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,8 +45,14 @@ par_args = $(if $(GPUS),--gpus $(call q,$(GPUS)),) $(if $(WORKERS),--workers $(c
 src_arg = $(if $(SOURCE),--source $(call q,$(SOURCE)),)
 set_args = $(foreach s,$(SET),--set $(call q,$(s)))
 dataset_arg = --dataset $(call q,$(DATASET))
+# the architecture of `make train` / `make transfer`: ARCH, NET, FROM, or EXP (+ MODEL)
+source_args = $(if $(ARCH),--arch $(call q,$(ARCH)),) $(if $(NET),--net $(call q,$(NET)),) \
+              $(if $(FROM),--from $(call q,$(FROM)),) $(exp_arg) $(if $(MODEL),--model $(call q,$(MODEL)),)
+protocol_set_args = $(foreach s,$(PROTOCOL_SET),--protocol-set $(call q,$(s)))
+out_arg = $(if $(OUT),--out $(call q,$(OUT)),)
+both_inits := scratch,finetune
 
-.PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch \
+.PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch train transfer \
         test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop
 
 setup: venv caffe
@@ -107,6 +116,15 @@ finetune: setup
 
 ensemble: setup
 	$(PY) -m metaqnn ensemble $(exp_or_dataset) --top $(call q,$(or $(ENSEMBLE_TOP),5)) $(gpu_arg)
+
+train: setup
+	$(PY) -m metaqnn train $(dataset_arg) $(source_args) --init $(call q,$(or $(INIT),scratch)) \
+	  $(if $(PROTOCOL),--protocol $(call q,$(PROTOCOL)),) $(protocol_set_args) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)),) \
+	  $(gpu_arg) $(src_arg) $(set_args) $(out_arg)
+
+transfer: setup
+	$(PY) -m metaqnn transfer $(source_args) --to $(call q,$(TO)) --init $(call q,$(or $(INIT),$(both_inits))) \
+	  $(protocol_set_args) $(gpu_arg) $(set_args) $(out_arg)
 
 compare: venv
 	$(PY) -m metaqnn compare $(call q,$(A)) $(call q,$(B)) $(if $(IGNORE_PATHS),--ignore-paths,)

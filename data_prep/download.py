@@ -1,14 +1,16 @@
 """Download the datasets' release files from their official locations: checksums, resume, progress.
 
 Each file is fetched into ``<name>.part`` (continued with an HTTP Range request after an
-interruption), checked against its published MD5, and only then renamed; CIFAR-10's archive is
-unpacked (its six .bin members only, never arbitrary paths).  A wrong checksum deletes the
+interruption), checked against its published MD5, and only then renamed; the CIFAR archives are
+unpacked (the members ARCHIVE_MEMBERS names, by base name into the download folder, never
+arbitrary paths).  A wrong checksum deletes the
 partial file and is an error naming the file.  (These development machines cannot reach the
 dataset hosts; the tests serve files from a loopback HTTP server.)
 """
 
 import hashlib
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -52,6 +54,14 @@ RESOURCES: Dict[str, Tuple[Resource, ...]] = {
             unpack=True,
         ),
     ),
+    "cifar100": (
+        Resource(
+            "cifar-100-binary.tar.gz",
+            ("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",),
+            "03b5dce01913d631647c71ecec9e9cb8",
+            unpack=True,
+        ),
+    ),
     "svhn": tuple(
         Resource(f, (f"http://ufldl.stanford.edu/housenumbers/{f}",), md5)
         for f, md5 in (
@@ -59,6 +69,27 @@ RESOURCES: Dict[str, Tuple[Resource, ...]] = {
             ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
             ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"),
         )
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ArchiveMembers:
+    """What a dataset's archive must hold (``required``) and may hold (``optional``), by base name."""
+
+    what: str  # for the error message: "does not hold <what>"
+    required: Tuple[str, ...]
+    optional: Tuple[str, ...] = ()
+
+
+ARCHIVE_MEMBERS: Dict[str, ArchiveMembers] = {
+    "cifar10": ArchiveMembers(
+        "the six CIFAR-10 .bin batches", (*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin")
+    ),
+    "cifar100": ArchiveMembers(
+        "CIFAR-100's train.bin and test.bin",
+        ("train.bin", "test.bin"),
+        ("coarse_label_names.txt", "fine_label_names.txt"),  # for people reading results; prepare ignores them
     ),
 }
 
@@ -128,17 +159,34 @@ def fetch(url: str, part: Path, timeout: float = 60.0) -> None:
             raise DataError(f"{url}: connection closed at {done} of {total} bytes (run again to resume)")
 
 
-def _unpack_cifar(archive: Path, dest: Path) -> None:
-    wanted = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"}
+def _unpack(archive: Path, dest: Path, members: ArchiveMembers) -> None:
+    """Extract ``members`` by base name into ``dest``: no member's path (``../``, absolute) is ever used.
+
+    Each file is written beside its final name and renamed, so an interrupted unpack leaves no
+    short file under the name the readers look for.
+    """
+    wanted = set(members.required) | set(members.optional)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in wanted]
-            if {Path(m.name).name for m in members} != wanted:
-                raise DataError(f"{archive}: does not hold the six CIFAR-10 .bin batches")
-            for m in members:
+            found = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in wanted]
+            names = [Path(m.name).name for m in found]
+            if not set(members.required) <= set(names):
+                raise DataError(f"{archive}: does not hold {members.what}")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise DataError(f"{archive}: holds {twice[0]} more than once; which one is meant is unclear")
+            for m in found:
                 src = tar.extractfile(m)
                 assert src is not None
-                (dest / Path(m.name).name).write_bytes(src.read())
+                target = dest / Path(m.name).name
+                part = dest / f".{target.name}.unpacking"
+                try:
+                    with src, open(part, "wb") as out:
+                        shutil.copyfileobj(src, out, CHUNK)
+                    part.replace(target)
+                except BaseException:
+                    part.unlink(missing_ok=True)
+                    raise
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{archive}: corrupt archive ({exc})") from None
 
@@ -198,5 +246,7 @@ def download(
             part.rename(final)
             log(f"download: {r.name} ok")
         if r.unpack:
-            _unpack_cifar(final, dest)
+            if dataset not in ARCHIVE_MEMBERS:
+                raise DataError(f"{r.name}: no archive layout known for {dataset!r} to unpack")
+            _unpack(final, dest, ARCHIVE_MEMBERS[dataset])
     return dest

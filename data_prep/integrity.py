@@ -87,14 +87,33 @@ def check_manifest_matches(
     """Refuse a config whose networks would not fit the prepared images (ConfigError naming both values).
 
     The net's input is ``crop_size`` x ``crop_size`` when the data layer crops
-    (``render.crop_size``), else the prepared images' height x width.
+    (``render.crop_size``), else the prepared images' height x width.  The sets the manifest
+    lists as ``padded_sets`` (the training sets, for random translations) are larger than the
+    others by the padding: the sizes checked are the unpadded ones, which the TEST phase reads.
     """
     data = f"the prepared data in {where}" if where is not None else "the prepared data"
     shapes = {name: [int(x) for x in s["shape"]] for name, s in manifest["sets"].items()}
-    c, h, w = shapes["train"]
-    for name, shape in shapes.items():
-        if shape != [c, h, w]:
-            raise DataError(f"{data}: set {name} has shape {shape}, train has {[c, h, w]}; prepare it again")
+    padded = [n for n in shapes if n in set(manifest.get("padded_sets") or ())]
+    plain = [n for n in shapes if n not in padded]
+    for group in (padded, plain):
+        for name in group[1:]:
+            if shapes[name] != shapes[group[0]]:
+                raise DataError(
+                    f"{data}: set {name} has shape {shapes[name]}, {group[0]} has {shapes[group[0]]}; prepare it again"
+                )
+    c, h, w = shapes[plain[0]] if plain else shapes["train"]
+    if padded and plain:
+        pc, ph, pw = shapes[padded[0]]
+        if pc != c or ph < h or pw < w:
+            raise DataError(
+                f"{data}: padded set {padded[0]} has shape {shapes[padded[0]]}, {plain[0]} has {[c, h, w]}; "
+                "prepare it again"
+            )
+        if (ph, pw) != (h, w) and (crop_size, crop_size) != (h, w):  # TRAIN crops, TEST reads h x w as is
+            raise ConfigError(
+                f"render.crop_size is {crop_size}, but {data} has {ph}x{pw} padded training images "
+                f"and {h}x{w} others, which the TEST phase reads uncropped: crop to {h}"
+            )
     if c != int(channels):
         raise ConfigError(f"dataset.channels is {channels}, but {data} has {c}-channel images")
     if crop_size:

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -29,13 +29,13 @@ import numpy as np
 from data_prep import preprocess
 from data_prep.integrity import damaged_sets, discard_partial, prepare_lock, remove_path, validate_manifest
 from data_prep.lmdb_writer import write_lmdb
-from data_prep.sources import DataError, Dataset, Split, read_dataset, shape_of
+from data_prep.sources import CIFAR100_CLASSES, DataError, Dataset, Split, read_dataset, shape_of
 from data_prep.split import stratified_split
 from qagent.outdir import os_reason, writing_into
 
 MANIFEST = "manifest.json"
 # Record keys as Caffe's converters write them: convert_cifar_data uses 5 digits, convert_mnist_data 8.
-KEY_DIGITS = {"cifar10": 5}
+KEY_DIGITS = {"cifar10": 5, "cifar100": 5}  # CIFAR-100 as CIFAR-10: the same converter's layout
 # 2: only the training sets are padded (version 1 padded every set).
 MANIFEST_VERSION = 2
 PADDED_SETS = ("train", "train_full")
@@ -48,8 +48,17 @@ class PrepOptions:
     preprocess: str = "none"
     pad: int = 0
     seed: int = 0
+    # CIFAR-100's label set: "fine" (100 classes) or "coarse" (20 superclasses); the other datasets
+    # have one label set, "fine".  Added after the first manifests: see _with_defaults.
+    labels: str = "fine"
 
     def __post_init__(self) -> None:
+        if self.labels not in CIFAR100_CLASSES:
+            raise DataError(f"unknown labels {self.labels!r}; known: {', '.join(CIFAR100_CLASSES)}")
+        if self.labels != "fine" and self.dataset != "cifar100":
+            raise DataError(
+                f"labels {self.labels!r}: only cifar100 has a second (coarse) label set, not {self.dataset}"
+            )
         if self.preprocess not in preprocess.PREPROCESS:
             raise DataError(f"unknown preprocessing {self.preprocess!r}; known: {', '.join(preprocess.PREPROCESS)}")
         if self.validation_size <= 0:
@@ -82,6 +91,18 @@ def stale_reason(manifest: Dict[str, Any]) -> Optional[str]:
     if int(manifest.get("options", {}).get("pad", 0)) == 0:
         return None
     return "prepared by an older version that also padded the validation and test sets"
+
+
+def _with_defaults(options: Any) -> Any:
+    """A manifest's options with the fields added since it was written at their defaults.
+
+    Manifests written before ``labels`` existed lack it; they were all prepared with the one
+    label set a dataset then had, the default, so they still match options that use it.
+    """
+    if not isinstance(options, dict):
+        return options
+    defaults = {f.name: f.default for f in fields(PrepOptions) if f.default is not MISSING}
+    return {**defaults, **options}
 
 
 def _class_counts(labels: np.ndarray, num_classes: int) -> List[int]:
@@ -145,7 +166,7 @@ def prepare(
         if manifest is not None:
             return manifest
         try:
-            data = read_dataset(options.dataset, source, options.seed)
+            data = read_dataset(options.dataset, source, options.seed, options.labels)
             if (out_dir / MANIFEST).exists():
                 (out_dir / MANIFEST).unlink()  # damaged: incomplete until the rebuild writes it again
             manifest = build(data, options, out_dir, log)
@@ -166,7 +187,7 @@ def _prepared(
     stale = stale_reason(existing)
     if stale:
         raise DataError(f"{out_dir}: {stale}; delete it (or use another --data-dir) and prepare again")
-    if existing.get("options") != asdict(options):
+    if _with_defaults(existing.get("options")) != asdict(options):
         raise DataError(
             f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
             "use another --data-dir or delete it"

@@ -9,7 +9,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -108,16 +108,19 @@ def read_mnist(folder: Path) -> Dataset:
 CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
-def read_cifar_bin(path: Path) -> Split:
+def _cifar_records(path: Path, record: int, what: str) -> np.ndarray:
+    """The file's fixed-size records as rows; a size that is not a whole number of records is truncation."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
-    if not raw or len(raw) % CIFAR_RECORD:
-        raise DataError(
-            f"{path}: size {len(raw)} is not a multiple of the {CIFAR_RECORD}-byte CIFAR record (truncated?)"
-        )
-    rec = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
+    if not raw or len(raw) % record:
+        raise DataError(f"{path}: size {len(raw)} is not a multiple of the {record}-byte {what} record (truncated?)")
+    return np.frombuffer(raw, np.uint8).reshape(-1, record)
+
+
+def read_cifar_bin(path: Path) -> Split:
+    rec = _cifar_records(path, CIFAR_RECORD, "CIFAR")
     labels = rec[:, 0].astype(np.int64)
     _check_labels(labels, 10, str(path))
     return Split(rec[:, 1:].reshape(-1, 3, 32, 32), labels)
@@ -135,6 +138,44 @@ def read_cifar10(folder: Path) -> Dataset:
         raise DataError(f"{base}: missing test_batch.bin")
     train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
     return Dataset("cifar10", 10, {"train": train, "test": read_cifar_bin(base / "test_batch.bin")})
+
+
+# --- CIFAR-100: binary release (cifar-100-binary/train.bin, test.bin) ----------------------
+
+CIFAR100_RECORD = 2 + 3 * 32 * 32  # coarse label byte, fine label byte, 3,072 pixel bytes
+# Label sets by the record's byte order: the 20 superclasses first, then the 100 classes.
+CIFAR100_CLASSES = {"coarse": 20, "fine": 100}
+
+
+def read_cifar100_bin(path: Path, labels: str = "fine") -> Split:
+    """One CIFAR-100 file with its ``labels`` ("fine" or "coarse").
+
+    Both label bytes are checked whichever is used: a record whose other label is out of
+    range is corrupt too, and would otherwise pass unseen until the other label set is prepared.
+    """
+    if labels not in CIFAR100_CLASSES:
+        raise DataError(f"CIFAR-100 labels must be one of {', '.join(CIFAR100_CLASSES)}, got {labels!r}")
+    rec = _cifar_records(path, CIFAR100_RECORD, "CIFAR-100")
+    for column, kind in enumerate(CIFAR100_CLASSES):
+        n = CIFAR100_CLASSES[kind]
+        bad = np.flatnonzero(rec[:, column] >= n)
+        if bad.size:
+            raise DataError(
+                f"{path}: record {bad[0]} has {kind} label {rec[bad[0], column]}, out of range 0..{n - 1} "
+                f"({bad.size} such record{'s' if bad.size > 1 else ''})"
+            )
+    column = list(CIFAR100_CLASSES).index(labels)
+    return Split(rec[:, 2:].reshape(-1, 3, 32, 32), rec[:, column].astype(np.int64))
+
+
+def read_cifar100(folder: Path, labels: str = "fine") -> Dataset:
+    """``folder`` holds train.bin and test.bin, or is the folder above ``cifar-100-binary/``."""
+    base = folder / "cifar-100-binary" if (folder / "cifar-100-binary").is_dir() else folder
+    for name in ("train.bin", "test.bin"):  # both looked for before 150 MB are read
+        if not (base / name).exists():
+            raise DataError(f"{base}: missing {name}")
+    sets = {name: read_cifar100_bin(base / f"{name}.bin", labels) for name in ("train", "test")}
+    return Dataset("cifar100", CIFAR100_CLASSES[labels], sets)
 
 
 # --- SVHN: cropped digits (train_32x32.mat, test_32x32.mat, extra_32x32.mat) --------------
@@ -170,8 +211,18 @@ def read_svhn(folder: Path, with_extra: bool = True) -> Dataset:
 # --- scikit-learn's bundled digits: the offline default -----------------------------------
 
 
-def read_digits(test_fraction: float = 1 / 6, seed: int = 0) -> Dataset:
-    """8x8 digits, pixel values 0..16 rescaled to 0..255; a stratified test set is held out."""
+# A second task made from the same bundled data, for transfer (Table 5's shape, issue 21): the
+# digits 5..9 as classes 0..4.  Its training and test images are digits' own of those classes, so a
+# model trained on digits has never seen a digits59 test image.
+DIGITS_TASKS: Dict[str, Tuple[int, ...]] = {"digits59": (5, 6, 7, 8, 9)}
+
+
+def read_digits(test_fraction: float = 1 / 6, seed: int = 0, task: str = "digits") -> Dataset:
+    """8x8 digits, pixel values 0..16 rescaled to 0..255; a stratified test set is held out.
+
+    ``task`` "digits" is all ten classes; a :data:`DIGITS_TASKS` name keeps some of them in both
+    sets of that split, relabelled 0..k-1.
+    """
     from sklearn.datasets import load_digits
 
     from data_prep.split import stratified_split
@@ -180,28 +231,38 @@ def read_digits(test_fraction: float = 1 / 6, seed: int = 0) -> Dataset:
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
     labels = d.target.astype(np.int64)
     train_idx, test_idx = stratified_split(labels, round(len(labels) * test_fraction), seed)
-    return Dataset(
-        "digits",
-        10,
-        {
-            "train": Split(images[np.sort(train_idx)], labels[np.sort(train_idx)]),
-            "test": Split(images[np.sort(test_idx)], labels[np.sort(test_idx)]),
-        },
-    )
+    classes = DIGITS_TASKS.get(task, tuple(range(10)))
+
+    def subset(idx: np.ndarray) -> Split:
+        idx = np.sort(idx)
+        idx = idx[np.isin(labels[idx], classes)]
+        return Split(images[idx], np.searchsorted(np.array(classes), labels[idx]).astype(np.int64))
+
+    return Dataset(task, len(classes), {"train": subset(train_idx), "test": subset(test_idx)})
 
 
-def read_dataset(name: str, source: Optional[Path], seed: int = 0) -> Dataset:
-    if name == "digits":
-        return read_digits(seed=seed)
+def read_dataset(name: str, source: Optional[Path], seed: int = 0, labels: str = "fine") -> Dataset:
+    """The release of ``name``; ``labels`` picks CIFAR-100's label set (the others have only "fine")."""
+    if labels != "fine" and name != "cifar100":
+        raise DataError(f"labels {labels!r}: only cifar100 has a second (coarse) label set, not {name}")
+    if name == "digits" or name in DIGITS_TASKS:
+        return read_digits(seed=seed, task=name)
     if source is None:
         raise DataError(
             f"dataset {name} needs its release files: give --source FOLDER (or run `metaqnn download {name}`)"
         )
     if not source.is_dir():
         raise DataError(f"source folder {source} does not exist")
-    readers = {"mnist": read_mnist, "cifar10": read_cifar10, "svhn": read_svhn}
+    readers: Dict[str, Callable[[Path], Dataset]] = {
+        "mnist": read_mnist,
+        "cifar10": read_cifar10,
+        "cifar100": lambda folder: read_cifar100(folder, labels),
+        "svhn": read_svhn,
+    }
     if name not in readers:
-        raise DataError(f"unknown dataset {name!r}; known: digits, mnist, cifar10, svhn")
+        raise DataError(
+            f"unknown dataset {name!r}; known: digits, {', '.join(DIGITS_TASKS)}, mnist, cifar10, cifar100, svhn"
+        )
     return readers[name](source)
 
 

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional
 
 from qagent.errors import MetaQNNError, quote
 
@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="preset name (digits, mnist, svhn, cifar10) or a .toml file")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="preset name (digits, digits59, mnist, svhn, cifar10, cifar100) or a .toml file",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -341,6 +345,82 @@ def cmd_finish(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _source_model(args: argparse.Namespace) -> Any:
+    """The architecture (and weights) ``train`` and ``transfer`` start from: one of the ways to name one."""
+    from metaqnn.transfer_source import resolve_source
+
+    exp = _exp_dir(args, "") if args.exp is not None else None
+    return resolve_source(
+        arch=getattr(args, "arch", None),
+        folder=_path_arg(args.from_folder, "--from"),
+        exp_dir=exp,
+        model_id=args.model,
+        net=_path_arg(getattr(args, "net", None), "--net"),
+        weights=_path_arg(getattr(args, "weights", None), "--weights"),
+        include_predicted=args.include_predicted,
+        every_way=hasattr(args, "arch"),
+    )
+
+
+def _protocol_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    from metaqnn.compare import parse_protocol_overrides
+
+    return parse_protocol_overrides(args.protocol_set)
+
+
+def _target(args: argparse.Namespace, preset: str, one: bool) -> Any:
+    """A target dataset: its preset with --set, its data folder (--data-dir only for one target)."""
+    from metaqnn.config import build_config
+    from metaqnn.experiment import default_data_dir, source_or_default
+    from metaqnn.transfer import Target
+
+    config = build_config(preset, args.overrides, args.seed)
+    data_dir = _path_arg(args.data_dir, "--data-dir") if one else None
+    release = _path_arg(args.source, "--source") if one else None
+    return Target(config, data_dir or default_data_dir(config), release or source_or_default(config))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from metaqnn.config import PROJECT_ROOT
+    from metaqnn.transfer import train_one
+
+    target = _target(args, args.dataset, one=True)
+    source = _source_model(args)
+    if args.out is not None:
+        out = _out_arg(args.out, "--out")
+    else:
+        digest = hashlib.sha256(source.arch.encode()).hexdigest()[:8]
+        out = PROJECT_ROOT / "experiments" / "train" / f"{target.config.name}_{args.init}_{digest}"
+    overrides = _protocol_overrides(args)
+    result = train_one(source, target, args.init, out, args.protocol, overrides, args.gpu, args.timeout, _stall(args))
+    print(f"test error {100 * result['test_error']:.2f}% ({out})")
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from metaqnn.transfer import TRANSFER, transfer
+    from qagent.errors import ConfigError
+
+    names = [n.strip() for n in args.to.split(",")]
+    if not all(names):
+        raise ConfigError(f"--to takes a comma-separated list of datasets, got {quote(args.to)}")
+    if (args.data_dir or args.source) and len(names) != 1:
+        raise ConfigError("--data-dir and --source name one target's data: give one dataset in --to")
+    targets = [_target(args, name, one=len(names) == 1) for name in names]
+    inits = [i.strip() for i in args.init.split(",")]
+    source = _source_model(args)
+    if args.out is not None:
+        root = _out_arg(args.out, "--out")
+    elif args.from_folder is not None:
+        root = Path(args.from_folder) / TRANSFER
+    else:
+        root = _exp_dir(args, "") / TRANSFER
+    transfer(source, targets, root, inits, _protocol_overrides(args), args.gpu, args.timeout, _stall(args))
+    return 0
+
+
 def _predicted_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--include-predicted",
@@ -362,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--exp", help="experiment name (experiments/<name>) or a path; default: the dataset name")
     p.add_argument("--data-dir", help="where the LMDBs are (default data/<dataset>)")
-    p.add_argument("--source", help="folder with the dataset's release files (mnist, cifar10, svhn)")
+    p.add_argument("--source", help="folder with the dataset's release files (mnist, cifar10, cifar100, svhn)")
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None, help="train on this GPU (default: CPU)")
     p.add_argument("--gpus", default=None, help="GPU ids (0,1,...): one training per GPU at a time; 'all' on Ray")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, help="trainings at once (CPU); default one per GPU")
@@ -461,6 +541,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=POSITIVE_INT, default=5)
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
     _predicted_arg(p)
+
+    def source_args(p: argparse.ArgumentParser, every_way: bool) -> None:
+        if every_way:
+            p.add_argument("--arch", help="an architecture string, e.g. '[C(64,3,1), P(2,2), SM(10)]'")
+            p.add_argument("--net", help="a MetaQNN-style net prototxt (e.g. the authors' published files)")
+            p.add_argument("--weights", help="a .caffemodel of the architecture (replaces any source's weights)")
+        p.add_argument(
+            "--from", dest="from_folder", help="a model folder written by `export` or `train` (its weights too)"
+        )
+        p.add_argument("--exp", help="an experiment (name or path): its best measured model, or --model N")
+        p.add_argument("--model", type=POSITIVE_INT, default=None, help="with --exp: this model id")
+        p.add_argument("--data-dir", help="the target's prepared data (default data/<dataset>)")
+        p.add_argument("--source", help="the target's release files, if its data must be prepared")
+        p.add_argument(
+            "--protocol-set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field of the protocol, e.g. epochs=2 or base_lr=0.001",
+        )
+        p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None, help="train on this GPU (default: CPU)")
+        p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per caffe run")
+        p.add_argument(
+            "--stall", default=None, help="watchdog FLOOR[,FACTOR] as for search (default 120,4; 0 turns it off)"
+        )
+        p.add_argument("--out", help="output folder")
+        _predicted_arg(p)
+
+    p = add("train", cmd_train, "train one architecture on one dataset with one protocol, test it (Table 5's cells)")
+    _config_args(p)
+    source_args(p, every_way=True)
+    p.add_argument(
+        "--init",
+        choices=("scratch", "finetune"),
+        default="scratch",
+        help="scratch: Xavier (as rendered); finetune: copy the source's weights by layer name",
+    )
+    p.add_argument(
+        "--protocol",
+        default=None,
+        help="solvers/<name>.toml or a .toml file (default: the dataset's finetune protocol; "
+        "with --init finetune its _from_weights variant)",
+    )
+
+    p = add("transfer", cmd_transfer, "train a model on other datasets from scratch and finetuned: Table 5")
+    source_args(p, every_way=False)
+    p.add_argument("--to", required=True, help="target datasets (presets), e.g. cifar100,svhn,mnist")
+    p.add_argument("--init", default="scratch,finetune", help="scratch and/or finetune (default both)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of every target's preset",
+    )
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help="the seed Caffe's seeds derive from")
 
     p = add("report", cmd_report, "figures (Fig. 3, A2, A3, A4) and a markdown page for an experiment")
     p.add_argument("--exp", help="experiment name or path")

@@ -178,7 +178,7 @@ def regenerate_check(path: Path, config: "Config", overrides: Sequence[str] = ()
 
     kind, original = load_caffe_file(path)
     pb = load_schema()
-    protocol_overrides = _parse_protocol_overrides(overrides)
+    protocol_overrides = parse_protocol_overrides(overrides)
     if kind == "net":
         arch = architecture_from_net(original)
         text = net_text(config, arch, finetune=True)
@@ -195,7 +195,7 @@ def regenerate_check(path: Path, config: "Config", overrides: Sequence[str] = ()
     return False, head + f"different: regenerated (left) vs {path} (right)\n" + "\n".join(lines)
 
 
-def _parse_protocol_overrides(items: Sequence[str]) -> Dict[str, Any]:
+def parse_protocol_overrides(items: Sequence[str]) -> Dict[str, Any]:
     from metaqnn.config import parse_override
 
     out: Dict[str, Any] = {}

@@ -78,6 +78,9 @@ class DatasetConfig:
     pad: int = 0
     seed: int = 0  # the seed of the stratified validation split
     release_sizes: Optional[ReleaseSizes] = None
+    # CIFAR-100's label set: "fine" (100 classes) or "coarse" (20 superclasses, with space.num_classes = 20);
+    # every other dataset has one label set, "fine".
+    labels: str = "fine"
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -92,6 +95,12 @@ class DatasetConfig:
             )
         if self.pad < 0:
             raise ConfigError(f"dataset.pad must be >= 0, got {self.pad}")
+        if self.labels not in ("fine", "coarse"):
+            raise ConfigError(f"dataset.labels must be fine or coarse, got {quote(self.labels)}")
+        if self.labels == "coarse" and self.name != "cifar100":
+            raise ConfigError(
+                f"dataset.labels = coarse selects CIFAR-100's 20 superclasses; dataset {self.name} has only fine labels"
+            )
         if self.release_sizes is not None and self.validation_size >= self.release_sizes.train:
             raise ConfigError(
                 f"dataset.validation_size {self.validation_size} leaves no training images "

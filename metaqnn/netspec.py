@@ -49,6 +49,20 @@ class CaffeLayer:
     phase: str = ""
     transform: Tuple[Tuple[str, object], ...] = ()
     filler: bool = False
+    # One ``param { lr_mult: x }`` block per learnable blob; empty = Caffe's default 1 (no line),
+    # as in every search net.  Only a transfer's re-initialised layers set it (metaqnn/transfer.py).
+    lr_mults: Tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParamShapes:
+    """The shapes of a learnable layer's blobs (weights, bias) and which of their dimensions the
+    data decides rather than the architecture: ``free`` holds (blob, dim, what) triples, e.g.
+    (0, 1, "input channels") for the first convolution.  Weights trained on other data may
+    differ from this net's only there (metaqnn/transfer.py)."""
+
+    shapes: Tuple[Tuple[int, ...], ...]
+    free: Tuple[Tuple[int, int, str], ...] = ()
 
 
 @dataclass
@@ -56,6 +70,8 @@ class NetSpec:
     layers: List[CaffeLayer] = field(default_factory=list)
     # Learnable parameters of the classifier net (weights + biases).
     param_count: int = 0
+    # Layer name -> its blob shapes, in net order.
+    params: Dict[str, ParamShapes] = field(default_factory=dict)
 
 
 def dropout_ratios(n: int, rule: str) -> List[float]:
@@ -116,6 +132,8 @@ class _NetBuilder:
         self.counts: Dict[str, int] = {}
         self.blob = "data"
         self.size, self.depth, self.flat = image_size, channels, False  # depth = channels of the current blob
+        self.depth_is_data = True  # the depth is still the data's channel count (nothing but pooling yet)
+        self.depth_is_classes = False  # after the GAP block: one channel per class
 
     def _name(self, kind: str) -> str:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -130,15 +148,20 @@ class _NetBuilder:
     def _relu_on(self, top: str) -> None:
         self._add(CaffeLayer("relu", self._name("ReLU"), "ReLU", (top,), (top,)))
 
-    def _conv_relu(self, fields: Tuple[Tuple[str, object], ...]) -> None:
+    def _conv_relu(self, fields: Tuple[Tuple[str, object], ...], filters: int, kernel: int, classes: bool) -> None:
         top = self._name("Convolution")
+        free = [(0, 1, "input channels")] if self.depth_is_data else []
+        if classes:  # the GAP block's 1x1 convolution has one filter per class
+            free += [(0, 0, "classes"), (1, 0, "classes")]
+        shapes = ((filters, self.depth, kernel, kernel), (filters,))
+        self.spec.params[top] = ParamShapes(shapes, tuple(free))
         self._add(CaffeLayer("conv", top, "Convolution", (self.blob,), (top,), fields, filler=True))
         self._relu_on(top)
-        self.blob = top
+        self.blob, self.depth_is_data = top, False
 
     def conv(self, layer: Conv) -> None:
         fields = (("num_output", layer.filters), ("pad", layer.size // 2), ("kernel_size", layer.size))
-        self._conv_relu((*fields, ("stride", layer.stride)))
+        self._conv_relu((*fields, ("stride", layer.stride)), layer.filters, layer.size, classes=False)
         self.spec.param_count += layer.filters * (self.depth * layer.size * layer.size + 1)
         self.size, self.depth = conv_output(self.size, layer.size, layer.stride), layer.filters
 
@@ -148,14 +171,20 @@ class _NetBuilder:
         self._add(CaffeLayer("pool", top, "Pooling", (self.blob,), (top,), params=fields))
         self.size, self.blob = pool_output(self.size, layer.size, layer.stride), top
 
-    def _inner_product(self, units: int) -> str:
+    def _inner_product(self, units: int, classes: bool = False) -> str:
         top = self._name("InnerProduct")
         self._add(
             CaffeLayer("ip", top, "InnerProduct", (self.blob,), (top,), filler=True, params=(("num_output", units),))
         )
         fan_in = self.depth if self.flat else self.depth * self.size * self.size
+        # A flattened map's size is the data's; after the GAP block it is the class count.
+        free = [] if self.flat else [(0, 1, "classes" if self.depth_is_classes else "input size")]
+        if classes:
+            free += [(0, 0, "classes"), (1, 0, "classes")]
+        self.spec.params[top] = ParamShapes(((units, fan_in), (units,)), tuple(free))
         self.spec.param_count += units * (fan_in + 1)
         self.size, self.depth, self.flat, self.blob = 1, units, True, top
+        self.depth_is_data = False
         return top
 
     def fc(self, layer: FC) -> None:
@@ -168,9 +197,9 @@ class _NetBuilder:
 
     def gap(self, num_classes: int) -> None:
         """As the published nets: 1x1 conv to the classes (no pad/stride lines), ReLU, AVE pool over the map."""
-        self._conv_relu((("num_output", num_classes), ("kernel_size", 1)))
+        self._conv_relu((("num_output", num_classes), ("kernel_size", 1)), num_classes, 1, classes=True)
         self.spec.param_count += num_classes * (self.depth + 1)
-        self.depth = num_classes
+        self.depth, self.depth_is_classes = num_classes, True
         top = self._name("Pooling")
         fields = (("pool", "AVE"), ("kernel_size", self.size))
         self._add(CaffeLayer("pool", top, "Pooling", (self.blob,), (top,), params=fields))
@@ -178,7 +207,7 @@ class _NetBuilder:
 
     def classifier(self, num_classes: int) -> None:
         """The final InnerProduct (no ReLU), then Accuracy and SoftmaxWithLoss on it."""
-        top = self._inner_product(num_classes)
+        top = self._inner_product(num_classes, classes=True)
         self._add(CaffeLayer("accuracy", "Accuracy1", "Accuracy", (top, "label"), ("Accuracy1",)))
         self._add(CaffeLayer("loss", "SoftmaxWithLoss1", "SoftmaxWithLoss", (top, "label"), ("SoftmaxWithLoss1",)))
 

@@ -6,7 +6,8 @@ figA3_q_by_layer_type.png   Figure A3: average Q-value per layer type against la
 figA4_q_by_receptive.png    Figure A4: average Q-value per conv receptive field against depth
 figES_predicted_vs_measured.png  early stopping: predicted against measured accuracy of the models
                             stopped early and then finished (`metaqnn finish`), when there are any
-report.md                   the figures, the per-epsilon table and the top models
+report.md                   the figures, the per-epsilon table and the top models (and Table 5, when
+                            `metaqnn transfer` wrote one under <exp>/transfer)
 """
 
 import json
@@ -23,6 +24,7 @@ import matplotlib.pyplot as plt
 from metaqnn.experiment import STORE_NAME, experiment_config
 from metaqnn.finetune import finetuned_results, format_results
 from metaqnn.search import format_summary, summary
+from metaqnn.transfer import transfer_section
 from qagent.arch import parse_architecture
 from qagent.errors import StoreError
 from qagent.outdir import writing_into
@@ -208,7 +210,7 @@ def write_report(exp_dir: Path, out: Path) -> Path:
         ]
         lines += early_stop_section(store, out)
         page = out / "report.md"
-        page.write_text("\n".join(lines + finetune_section(exp_dir)) + "\n")
+        page.write_text("\n".join(lines + finetune_section(exp_dir) + transfer_section(exp_dir)) + "\n")
     return page
 
 

@@ -75,7 +75,12 @@ class SearchOptions:
 def prep_options(config: Config) -> PrepOptions:
     d = config.dataset
     return PrepOptions(
-        dataset=d.name, validation_size=d.validation_size, preprocess=d.preprocess, pad=d.pad, seed=d.seed
+        dataset=d.name,
+        validation_size=d.validation_size,
+        preprocess=d.preprocess,
+        pad=d.pad,
+        seed=d.seed,
+        labels=d.labels,
     )
 
 

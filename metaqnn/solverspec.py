@@ -64,6 +64,9 @@ class Protocol:
     # The base rate the declared ``rates`` were written against: the number of
     # halvings per boundary stays fixed when a model overrides base_lr (svhn_2).
     rates_base_lr: Optional[float] = None
+    # With `metaqnn train --init finetune`: the lr_mult of the layers re-initialised for the
+    # target (Caffe's flickr_style convention gives its new layer 10); copied layers keep 1.
+    reinit_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
         if self.type not in ("SGD", "Adam", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta"):
@@ -78,6 +81,16 @@ class Protocol:
             raise ConfigError(f"protocol {self.name}: base_lr, epochs and batch sizes must be positive")
         if self.solver_mode not in ("CPU", "GPU"):
             raise ConfigError(f"protocol {self.name}: solver_mode must be CPU or GPU")
+        if not 0.0 <= self.momentum < 1.0 or (self.momentum2 is not None and not 0.0 <= self.momentum2 < 1.0):
+            raise ConfigError(f"protocol {self.name}: momentum and momentum2 must be in [0, 1)")
+        if self.weight_decay < 0 or (self.delta is not None and self.delta <= 0):
+            raise ConfigError(f"protocol {self.name}: weight_decay must be >= 0 and delta > 0")
+        if self.lr_policy != "fixed" and not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"protocol {self.name}: gamma must be in (0, 1] (the rate is multiplied by it)")
+        if self.display < 0:
+            raise ConfigError(f"protocol {self.name}: display must be >= 0 (0: no training-loss lines)")
+        if self.reinit_lr_mult <= 0:
+            raise ConfigError(f"protocol {self.name}: reinit_lr_mult must be positive, got {self.reinit_lr_mult}")
 
     def iters_per_epoch(self, train_size: int) -> int:
         n = train_size // self.train_batch
@@ -98,6 +111,8 @@ class Protocol:
         """A copy with some fields replaced; each value is checked against its field's type."""
         from metaqnn.config import check_fields
 
+        if "name" in values:
+            raise ConfigError(f"protocol {self.name}: 'name' is the protocol file's name, not a setting")
         return replace(self, **check_fields(Protocol, values, f"protocol {self.name}"))
 
 

@@ -322,3 +322,32 @@ def trajectory_of(space: SpaceConfig, layers: Union[Architecture, Sequence[Layer
         steps.append((state, action))
         state, n = transition(space, state, action, n)
     return steps
+
+
+def size_problem(space: SpaceConfig, layers: Sequence[Layer]) -> Optional[str]:
+    """Why an architecture found in some space cannot run on ``space``'s images, or None.
+
+    Only what the images decide is checked -- each receptive field against the representation
+    size (binned as the agent bins it), and an FC layer fed by a map no larger than
+    ``fc_max_rsize`` -- not the menu of the space (filters, depth), which belongs to the search
+    that found it.  The sizes follow Caffe's arithmetic, as rendered.
+    """
+    check_structure(layers)
+    n, flat = space.image_size, False
+    for i, layer in enumerate(layers):
+        where = f"layer {i + 1} ({layer}) on {space.image_size}x{space.image_size} images"
+        if isinstance(layer, (Conv, Pool)):
+            if flat:
+                return f"{where}: a convolution or pooling layer cannot follow an FC layer"
+            reason = _field_too_large(space, layer.size, space.bin(n))
+            if reason is not None:
+                return f"{where}: {reason}"
+            output = conv_output if isinstance(layer, Conv) else pool_output
+            n = output(n, layer.size, layer.stride)
+            if n < 1:
+                return f"{where}: nothing is left of the image"
+        elif isinstance(layer, FC):
+            if not flat and space.fc_max_rsize is not None and space.bin(n) > space.fc_max_rsize:
+                return f"{where}: an FC layer is fed a {n}x{n} map, more than this space's {space.fc_max_rsize}"
+            flat = True
+    return None

@@ -131,3 +131,46 @@ def test_a_failed_download_says_partial_file_kept_only_when_there_is_one(server,
     with pytest.raises(DataError, match=r"partial file kept for resuming: a\.mat\.part, 4 bytes"):
         download("svhn", kept, [Resource("a.mat", (f"{dead}/a.mat",), md5(b"x"))], log=lambda _m: None)
     assert (kept / "a.mat.part").read_bytes() == b"half"
+
+
+def test_cifar100_archive_is_unpacked_safely(server, tmp_path):
+    """The release's layout: cifar-100-binary/{train,test}.bin and the two label-name files."""
+    buf = io.BytesIO()
+    members = ["train.bin", "test.bin", "coarse_label_names.txt", "fine_label_names.txt"]
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in [*members, "../evil.bin", "/tmp/absolute.bin"]:
+            data = name.encode()
+            info = tarfile.TarInfo(f"cifar-100-binary/{name}" if name in members else name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    RangeHandler.FILES = {"c100.tgz": buf.getvalue()}
+    RangeHandler.CUT = 0
+    res = [Resource("c100.tgz", (f"{server}/c100.tgz",), md5(buf.getvalue()), unpack=True)]
+    download("cifar100", tmp_path / "src", res, log=lambda _m: None)
+    for name in members:
+        assert (tmp_path / "src" / name).read_bytes() == name.encode()
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == sorted([*members, "c100.tgz"])
+    assert not (tmp_path / "evil.bin").exists()
+    # an archive without test.bin is refused by name, and nothing of it is taken for the release
+    bad = io.BytesIO()
+    with tarfile.open(fileobj=bad, mode="w:gz") as tar:
+        info = tarfile.TarInfo("cifar-100-binary/train.bin")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    RangeHandler.FILES = {"bad.tgz": bad.getvalue()}
+    with pytest.raises(DataError, match=r"bad\.tgz: does not hold CIFAR-100's train\.bin and test\.bin"):
+        download(
+            "cifar100",
+            tmp_path / "other",
+            [Resource("bad.tgz", (f"{server}/bad.tgz",), md5(bad.getvalue()), unpack=True)],
+            log=lambda _m: None,
+        )
+    assert not (tmp_path / "other" / "train.bin").exists()
+
+
+def test_cifar100_comes_from_its_official_location():
+    from data_prep.download import RESOURCES
+
+    (r,) = RESOURCES["cifar100"]
+    assert r.urls == ("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",)
+    assert (r.name, r.md5, r.unpack) == ("cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8", True)

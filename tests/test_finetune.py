@@ -42,12 +42,16 @@ def schedules(preset, finetune_overrides=None):
 PINNED = {
     # 1,497 // 32 = 46; x0.2 every 10 epochs (460 iterations) over 30 epochs
     "digits": (46, 1380, [460, 920], 1380),
+    # the digits 5..9 task (747 training images): 747 // 32 = 23; x0.2 every 10 epochs over 30
+    "digits59": (23, 690, [230, 460], 690),
     # 60,000 // 128 = 468; x0.2 every 5 epochs over 40, as published
     "mnist": (468, 18720, [2340, 4680, 7020, 9360, 11700, 14040, 16380], 7020),
     # 604,388 // 128 = 4721; floor(5 * 604388 / 128) = 23608, 7 halvings at epoch 10, 3 at 40: as published
     "svhn": (4721, 236050, [23608, *range(47217, 47224), *range(188871, 188874)], 47222),
     # 50,000 // 128 = 390; floor(epoch * 50000 / 128) at 40, 80, 240: 1, 7 and 3 halvings
     "cifar10": (390, 117000, [15625, *range(31250, 31257), *range(93750, 93753)], 31255),
+    # CIFAR-100: CIFAR-10's sizes and protocol
+    "cifar100": (390, 117000, [15625, *range(31250, 31257), *range(93750, 93753)], 31255),
 }
 
 
