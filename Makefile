@@ -7,6 +7,7 @@
 #   make search DATASET=svhn RAY=head-host:6379 GPUS=all   on a Ray cluster
 #   make bench-early-stop     early stopping on real digits searches + prediction quality + paper-scale simulation (~1 h)
 #   make chaos                kill -9 a digits search 24 times, resume, compare (not in `make test`: ~10 min)
+#   make bench-constraints    digits searches under a parameter budget and the mnas latency reward (~20 min)
 #   make search DATASET=svhn GPUS=0,1 TRAININGS_PER_GPU=4  four small trainings share each GPU
 #   make finish EXP=svhn FINISH_TOP=5     train the models early stopping stopped with the 5 highest predictions to the end
 #   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
@@ -53,7 +54,7 @@ out_arg = $(if $(OUT),--out $(call q,$(OUT)),)
 both_inits := scratch,finetune
 
 .PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch train transfer \
-        test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop
+        test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop bench-constraints
 
 setup: venv caffe
 
@@ -160,6 +161,12 @@ bench: setup
 	$(PY) bench/bench_trainer_overhead.py
 	$(PY) bench/bench_lmdb.py
 	$(PY) bench/bench_parallel.py
+
+# Searching under a budget (issue 22), outside `make bench` (three digits searches, ~20 min on 2 cores):
+# unconstrained, max_params at its 25th percentile, mnas on CPU latency; the comparison is printed.
+BUDGET_OUT ?= build/bench-constraints
+bench-constraints: setup
+	$(PY) bench/bench_constraints.py --out $(call q,$(BUDGET_OUT))
 
 # Crash consistency under SIGKILL (issue 11): slower than the CI suite, so outside `make test`.
 CHAOS_OUT ?= /tmp/metaqnn-chaos

@@ -4,7 +4,10 @@ a synthetic deterministic reward and no training, the SQLite experiment store in
 Target (2-core machine): under 10 s in total, with a per-model cost that does not grow with the
 replay memory (first vs last 10% of the unique models reported separately).
 
-    .venv/bin/python bench/bench_agent.py [--preset svhn]
+    .venv/bin/python bench/bench_agent.py [--preset svhn] [--max-params N] [--max-macs N]
+
+With a budget (issue 22) the agent's walk is barred (qagent.costs.Barrier): the barrier's exact
+cheapest-completion table is built first (reported apart), then every step asks it.
 """
 
 import argparse
@@ -29,9 +32,22 @@ def reward(arch: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="svhn")
+    ap.add_argument("--max-params", type=int, default=None)
+    ap.add_argument("--max-macs", type=int, default=None)
     args = ap.parse_args()
     cfg = build_config(args.preset)
-    agent = Agent(cfg.space, cfg.schedule, cfg.agent)
+    barrier = None
+    if args.max_params or args.max_macs:
+        from qagent.costs import Barrier, Budget
+
+        barrier = Barrier(cfg.space, cfg.dataset.channels, Budget(args.max_params, args.max_macs))
+        t = time.perf_counter()
+        front = barrier.cheapest()
+        print(
+            f"barrier ({args.max_params} params, {args.max_macs} MACs): {len(barrier._fronts)} positions, "
+            f"cheapest {front[:1]}, built in {time.perf_counter() - t:.2f} s"
+        )
+    agent = Agent(cfg.space, cfg.schedule, cfg.agent, barrier)
     total_models = agent.schedule.total
     marks = []  # time at each new unique model
     iter_marks = []  # (time, transitions replayed so far) at each iteration

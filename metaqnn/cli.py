@@ -198,6 +198,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"in flight: #{m.id} {m.arch} (attempt {m.attempts})")
         for m in store.models(ModelStatus.DEFERRED):
             print(f"set aside, no reward (trained again on the next run): #{m.id} {m.arch}: {m.message}")
+        rejected = store.models(ModelStatus.REJECTED)
+        if rejected:
+            print(f"rejected over constraints.max_latency_ms, never trained (not counted above): {len(rejected)}")
         print(format_summary(summary(store)))
     return 0
 
@@ -275,11 +278,18 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from metaqnn.export import export_top
+    from metaqnn.export import export_models, export_top, pareto_models
 
     exp = _exp_dir(args, "digits")
+    if args.pareto is not None:  # the accuracy/cost front, in a folder of its own (finetune reads export/)
+        out = _out_arg(args.out, "--out") if args.out is not None else exp / f"export-pareto-{args.pareto}"
+        models, note = pareto_models(exp, args.pareto, args.include_predicted)
+        exported = export_models(exp, len(models), out, args.include_predicted, chosen=models)
+        for line in exported.lines + ([note] if note else []):
+            print(line)
+        return 0
     out = _out_arg(args.out, "--out") if args.out is not None else exp / "export"
-    for line in export_top(exp, args.top, out, include_predicted=args.include_predicted):
+    for line in export_top(exp, args.top, out, include_predicted=args.include_predicted, rank_by=args.rank_by):
         print(line)
     return 0
 
@@ -314,7 +324,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from metaqnn.report import write_report
 
     exp = _exp_dir(args, "digits")
-    page = write_report(exp, _out_arg(args.out, "--out") if args.out is not None else exp / "report")
+    page = write_report(exp, _out_arg(args.out, "--out") if args.out is not None else exp / "report", args.rank_by)
     print(page)
     return 0
 
@@ -323,7 +333,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from metaqnn.finetune import finetune, format_results
 
     results = finetune(
-        _exp_dir(args, "digits"), args.top, gpu=args.gpu, timeout=args.timeout, include_predicted=args.include_predicted
+        _exp_dir(args, "digits"),
+        args.top,
+        gpu=args.gpu,
+        timeout=args.timeout,
+        include_predicted=args.include_predicted,
+        rank_by=args.rank_by,
     )
     print("\n".join(format_results(results)))
     return 0
@@ -332,7 +347,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from metaqnn.finetune import ensemble
 
-    ensemble(_exp_dir(args, "digits"), args.top, gpu=args.gpu, include_predicted=args.include_predicted)
+    ensemble(
+        _exp_dir(args, "digits"), args.top, gpu=args.gpu, include_predicted=args.include_predicted, rank_by=args.rank_by
+    )
     return 0
 
 
@@ -359,6 +376,7 @@ def _source_model(args: argparse.Namespace) -> Any:
         weights=_path_arg(getattr(args, "weights", None), "--weights"),
         include_predicted=args.include_predicted,
         every_way=hasattr(args, "arch"),
+        rank_by=args.rank_by,
     )
 
 
@@ -419,6 +437,15 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         root = _exp_dir(args, "") / TRANSFER
     transfer(source, targets, root, inits, _protocol_overrides(args), args.gpu, args.timeout, _stall(args))
     return 0
+
+
+def _rank_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rank-by",
+        choices=("accuracy", "reward"),
+        default="accuracy",
+        help="rank by validation accuracy (default) or by the agent's reward, shaped under [constraints]",
+    )
 
 
 def _predicted_arg(p: argparse.ArgumentParser) -> None:
@@ -501,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=POSITIVE_INT, default=10)
     p.add_argument("--out")
     _predicted_arg(p)
+    _rank_arg(p)
+    p.add_argument(
+        "--pareto",
+        nargs="?",
+        const="params",
+        choices=("params", "macs", "latency"),
+        help="write the models on the accuracy/COST front instead (default cost: params), to export-pareto-COST/",
+    )
 
     p = add("finish", cmd_finish, "train models that early stopping stopped to the end (their predictions -> measured)")
     p.add_argument("--exp", help="experiment name or path")
@@ -535,12 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
     p.add_argument("--timeout", type=POSITIVE_SECONDS, default=None, help="wall-clock limit per model, seconds")
     _predicted_arg(p)
+    _rank_arg(p)
 
     p = add("ensemble", cmd_ensemble, "average the softmax outputs of the top-K finetuned models on test")
     p.add_argument("--exp", help="experiment name or path")
     p.add_argument("--top", type=POSITIVE_INT, default=5)
     p.add_argument("--gpu", type=NON_NEGATIVE_INT, default=None)
     _predicted_arg(p)
+    _rank_arg(p)
 
     def source_args(p: argparse.ArgumentParser, every_way: bool) -> None:
         if every_way:
@@ -568,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--out", help="output folder")
         _predicted_arg(p)
+        _rank_arg(p)
 
     p = add("train", cmd_train, "train one architecture on one dataset with one protocol, test it (Table 5's cells)")
     _config_args(p)
@@ -602,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "figures (Fig. 3, A2, A3, A4) and a markdown page for an experiment")
     p.add_argument("--exp", help="experiment name or path")
     p.add_argument("--out")
+    _rank_arg(p)
     return parser
 
 

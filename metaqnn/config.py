@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
+from metaqnn.constraints import ConstraintsConfig
 from metaqnn.early_stop.rules import EarlyStopConfig
 from metaqnn.resources import asset_dir, workspace
 from qagent.agent import AgentConfig
@@ -38,7 +39,7 @@ else:  # pragma: no cover - exercised on the users' Python 3.8 conda Caffe
 PROJECT_ROOT = workspace()  # data/, experiments/ and .deps/ live here
 PRESETS_DIR = asset_dir("presets")
 SOLVERS_DIR = asset_dir("solvers")
-SECTIONS = ("dataset", "space", "schedule", "agent", "render", "protocol", "early_stop")
+SECTIONS = ("dataset", "space", "schedule", "agent", "render", "protocol", "early_stop", "constraints")
 PREPROCESS = ("none", "mean", "gcn", "lcn", "zca")
 
 # Optional fields whose None is spelt as a word in the files (TOML has no null):
@@ -48,6 +49,10 @@ NONE_WORDS: Dict[Tuple[str, str], str] = {
     ("space", "fc_max_rsize"): "unlimited",
     ("space", "max_stride_fraction"): "unlimited",
     ("agent", "failure_reward"): "chance",
+    ("constraints", "max_params"): "unlimited",
+    ("constraints", "max_macs"): "unlimited",
+    ("constraints", "max_latency_ms"): "unlimited",
+    ("constraints", "target"): "none",
 }
 
 T = TypeVar("T")
@@ -160,6 +165,7 @@ class Config:
     render: RenderConfig
     protocol: ProtocolChoice
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
 
     def __post_init__(self) -> None:
         self.early_stop.check_epochs(self.protocol.load("search").epochs)
@@ -403,6 +409,7 @@ def config_from_dict(tables: Mapping[str, Any], name: Optional[str] = None) -> C
         render=build_section(RenderConfig, t["render"], "render"),
         protocol=build_section(ProtocolChoice, t["protocol"], "protocol"),
         early_stop=build_section(EarlyStopConfig, t["early_stop"], "early_stop"),
+        constraints=build_section(ConstraintsConfig, t["constraints"], "constraints"),
     )
 
 

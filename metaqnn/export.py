@@ -19,7 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from data_prep.prepare import read_manifest
 from metaqnn.config import Config
@@ -278,15 +278,17 @@ def reward_kind(m: ModelRow) -> str:
 
 def reward_fields(m: ModelRow) -> Dict[str, Any]:
     """The model's score for metadata.json, never a prediction under a measurement's name."""
+    shaped = {"reward": m.reward} if "accuracy" in m.metrics else {}  # [constraints] shaped the agent's reward
     if m.status == ModelStatus.STOPPED:
         return {
+            **shaped,
             "validation_accuracy": None,
-            "predicted_accuracy": m.reward,
+            "predicted_accuracy": m.accuracy,
             "reward_kind": "predicted",
             "stopped_epoch": m.metrics.get("stopped_epoch"),
             "accuracy_when_stopped": m.metrics.get("best_accuracy"),
         }
-    out: Dict[str, Any] = {"validation_accuracy": m.reward, "reward_kind": "measured"}
+    out: Dict[str, Any] = {**shaped, "validation_accuracy": m.accuracy, "reward_kind": "measured"}
     if m.metrics.get("stopped_early"):  # stopped, then finished: the prediction it was stopped with
         out["stopped_early"] = m.metrics["stopped_early"]
     return out
@@ -310,21 +312,45 @@ def rank_folder_name(rank: int, model_id: int) -> str:
     return f"{rank:02d}_model{model_id:05d}"
 
 
-def export_top(exp_dir: Path, top: int, out: Path, include_predicted: bool = False) -> List[str]:
+def export_top(
+    exp_dir: Path, top: int, out: Path, include_predicted: bool = False, rank_by: str = "accuracy"
+) -> List[str]:
     """The top models by measured validation accuracy (and by predicted accuracy too, when asked)."""
-    return export_models(exp_dir, top, out, include_predicted).lines
+    return export_models(exp_dir, top, out, include_predicted, rank_by).lines
 
 
-def export_models(exp_dir: Path, top: int, out: Path, include_predicted: bool = False) -> Export:
-    """Export the store's current top ``top`` models into ``out``, and only them.
+def pareto_models(exp_dir: Path, cost: str, include_predicted: bool = False) -> Tuple[List[ModelRow], str]:
+    """The models on the accuracy/cost front (metaqnn.pareto), cheapest first, and what was left out."""
+    from metaqnn.pareto import comparable, pareto_front
+
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+        statuses = (ModelStatus.DONE, ModelStatus.STOPPED) if include_predicted else (ModelStatus.DONE,)
+        models = {m.id: m for m in store.models() if m.status in statuses and m.accuracy is not None}
+    points, note = comparable([(m.id, float(m.accuracy or 0.0), m.metrics) for m in models.values()], cost)
+    if not points:
+        raise ConfigError(f"experiment {exp_dir} has no trained model with a {cost} figure to put on a front")
+    return [models[i] for i in pareto_front(points)], note
+
+
+def export_models(
+    exp_dir: Path,
+    top: int,
+    out: Path,
+    include_predicted: bool = False,
+    rank_by: str = "accuracy",
+    chosen: Optional[List[ModelRow]] = None,
+) -> Export:
+    """Export the store's current top ``top`` models into ``out``, and only them (``chosen``: these
+    models, in this order, instead -- the Pareto front).
 
     Rank folders an earlier export wrote for this experiment are renamed to their model's new
     rank (keeping a finetune result), or moved to ``unranked/`` when the model left the ranking;
-    nothing export did not write is touched.
+    nothing export did not write is touched.  ``rank_by`` "reward" ranks by the agent's reward
+    (shaped under [constraints]); the default is the accuracy.
     """
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
         config = experiment_config(store)
-        models = store.top_models(top, include_predicted=include_predicted)
+        models = chosen if chosen is not None else store.top_models(top, include_predicted, rank_by)
         data_dir = experiment_data_dir(store)
         archs = {m.id: m.arch for m in store.models()}
         key = store.meta().get("created")
@@ -466,6 +492,8 @@ def _export(
             "restarts": m.metrics.get("restarts"),
             "best_iteration": m.metrics.get("best_iteration"),
             "caffe_seed": m.metrics.get("caffe_seed"),
+            "macs": m.metrics.get("macs"),
+            "latency": m.metrics.get("latency"),
             "dataset": config.name,
             "experiment_created": key,
         }
@@ -485,13 +513,17 @@ def _export(
         (folder / "metadata.json").write_text(json.dumps(written, indent=1, sort_keys=True) + "\n")
         if weights.missing is not None:
             warnings.append(f"warning: {folder.name}: no weights exported: {weights.missing}")
+        latency: Dict[str, Any] = m.metrics["latency"] if isinstance(m.metrics.get("latency"), dict) else {}
         rows.append(
             {
                 "rank": rank,
                 "model": m.id,
-                "val_acc": m.reward,
+                "val_acc": m.accuracy,
                 "kind": reward_kind(m),
                 "params": written["param_count"],
+                "macs": m.metrics.get("macs"),
+                "latency_ms": latency.get("forward_ms"),
+                "latency_device": latency.get("device"),
                 "lr": m.metrics.get("learning_rate"),
                 "weights": "missing" if weights.path is None else "weights.caffemodel",
                 "folder": folder.name,
@@ -503,13 +535,18 @@ def _export(
         w.writeheader()
         w.writerows(rows)
     md = [
-        "| rank | model | val. acc. | kind | params (10^6) | lr | weights | architecture |",
-        "|---:|---:|---:|---|---:|---:|---|---|",
+        "| rank | model | val. acc. | kind | params (10^6) | MACs (10^6) | latency (ms) | lr | weights | architecture |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---|---|",
     ]
     md += [
-        f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['kind']} | {r['params'] / 1e6:.3f} | {r['lr']} "
+        f"| {r['rank']} | {r['model']} | {r['val_acc']:.4f} | {r['kind']} | {r['params'] / 1e6:.3f} "
+        f"| {'-' if r['macs'] is None else format(r['macs'] / 1e6, '.3f')} "
+        f"| {'-' if r['latency_ms'] is None else format(r['latency_ms'], '.3f')} | {r['lr']} "
         f"| {'yes' if r['weights'] != 'missing' else '**missing**'} | `{r['arch']}` |"
         for r in rows
     ]
+    devices = sorted({str(r["latency_device"]) for r in rows if r["latency_device"]})
+    if devices:
+        md += ["", f"Latency measured with `caffe time` on: {'; '.join(devices)}."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     return [f"exported {len(rows)} models to {out}", *md, *warnings]

@@ -44,6 +44,7 @@ class FailureKind(str, Enum):
     TIMEOUT = "timeout"  # the wall-clock limit, after one retry
     STALLED = "stalled"  # silent past the stall watchdog, after one retry
     OOM = "oom"  # this net does not fit in the device's memory
+    OVER_LATENCY = "over_latency"  # timed over constraints.max_latency_ms before training: never trained
 
     def __str__(self) -> str:
         return str(self.value)

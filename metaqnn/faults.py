@@ -8,7 +8,8 @@
   (the model's result.json is on disk, snapshots not yet pruned), ``pruning`` (half-way through
   the final pruning), ``pruned`` (the final pruning is done, the trainer has not returned),
   ``commit`` (the search is about to commit a result to the store), ``probe-finished`` (a probe's
-  caffe has ended, state.json does not record it yet).
+  caffe has ended, state.json does not record it yet), ``latency-measured`` (``caffe time`` has
+  timed the model and latency.json is written, its training has not begun).
 
 Unset -- always, outside tests -- each costs one lookup.
 """

@@ -51,14 +51,16 @@ class FinetuneError(MetaQNNError):
     pass
 
 
-def _exported(exp_dir: Path, top: int, include_predicted: bool = False, log: Any = print) -> List[Path]:
+def _exported(
+    exp_dir: Path, top: int, include_predicted: bool = False, log: Any = print, rank_by: str = "accuracy"
+) -> List[Path]:
     """The rank folders of the store's current top ``top`` models, exported now, in rank order.
 
     Chosen by the model id the store ranks, never by the folder names: what ``<exp>/export``
     held before (an older ranking, a ``--include-predicted`` export) is no part of it.  A folder
     whose metadata.json disagrees with the ranking is refused rather than trained or averaged.
     """
-    exported = export_models(exp_dir, top, exp_dir / "export", include_predicted=include_predicted)
+    exported = export_models(exp_dir, top, exp_dir / "export", include_predicted=include_predicted, rank_by=rank_by)
     for line in exported.lines:
         if line.startswith("warning: "):
             log(line)
@@ -223,13 +225,14 @@ def finetune(
     timeout: Optional[float] = None,
     log: Any = print,
     include_predicted: bool = False,
+    rank_by: str = "accuracy",
 ) -> List[Dict[str, Any]]:
     caffe = find_caffe(gpu=gpu is not None)
     if gpu is not None:
         ensure_gpu_ready(caffe)
     return [
         finetune_model(folder, caffe, gpu, timeout, log, model_dir(exp_dir, _metadata(folder)["model_id"]))
-        for folder in _exported(exp_dir, top, include_predicted, log)
+        for folder in _exported(exp_dir, top, include_predicted, log, rank_by)
     ]
 
 
@@ -397,11 +400,16 @@ def test_labels(exp_dir: Path) -> Any:
 
 
 def ensemble(
-    exp_dir: Path, top: int, gpu: Optional[int] = None, log: Any = print, include_predicted: bool = False
+    exp_dir: Path,
+    top: int,
+    gpu: Optional[int] = None,
+    log: Any = print,
+    include_predicted: bool = False,
+    rank_by: str = "accuracy",
 ) -> Dict[str, Any]:
     """The ensemble of exactly the store's current top ``top`` models, each finetuned; else a refusal."""
     labels = test_labels(exp_dir)
-    folders = _exported(exp_dir, top, include_predicted, log)
+    folders = _exported(exp_dir, top, include_predicted, log, rank_by)
     flag = " --include-predicted" if include_predicted else ""
     if len(folders) < top:
         raise FinetuneError(

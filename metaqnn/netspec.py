@@ -38,9 +38,14 @@ class Transform:
 
 @dataclass(frozen=True)
 class CaffeLayer:
-    """One layer block; ``params`` is an ordered tuple of (field, value) pairs inside its *_param block."""
+    """One layer block; ``params`` is an ordered tuple of (field, value) pairs inside its *_param block.
 
-    kind: str  # data | conv | relu | dropout | pool | ip | accuracy | loss
+    A value that is itself a tuple of (field, value) pairs is a nested message: the deploy net's
+    Input layer (metaqnn/latency.py) writes ``("shape", (("dim", 1), ("dim", 3), ...))`` for
+    ``input_param { shape { dim: 1 dim: 3 ... } }``, which flat pairs cannot say.
+    """
+
+    kind: str  # data | input | conv | relu | dropout | pool | ip | accuracy | loss
     name: str
     type: str
     bottoms: Tuple[str, ...]
@@ -252,6 +257,7 @@ def build_net(
 def param_block(kind: str) -> Optional[str]:
     return {
         "data": "data_param",
+        "input": "input_param",
         "conv": "convolution_param",
         "pool": "pooling_param",
         "ip": "inner_product_param",

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 
 from metaqnn.experiment import STORE_NAME, experiment_config
 from metaqnn.finetune import finetuned_results, format_results
+from metaqnn.pareto import COSTS, LABELS, comparable, cost_of, pareto_front
 from metaqnn.search import format_summary, summary
 from metaqnn.transfer import transfer_section
 from qagent.arch import parse_architecture
@@ -159,7 +160,7 @@ def _lines(data: Dict[Any, Dict[int, float]], out: Path, title: str, label: str)
     plt.close(fig)
 
 
-def write_report(exp_dir: Path, out: Path) -> Path:
+def write_report(exp_dir: Path, out: Path, rank_by: str = "accuracy") -> Path:
     with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store, writing_into(out, "report folder"):
         samples = _samples(store)
         if not samples:
@@ -173,7 +174,7 @@ def write_report(exp_dir: Path, out: Path) -> Path:
             by_field, out / "figA4_q_by_receptive.png", "average Q-value per conv receptive field (Figure A4)", "f = "
         )
         s = summary(store)
-        top = store.top_models(10)
+        top = store.top_models(10, by=rank_by)
         lines = [
             f"# MetaQNN experiment `{exp_dir.name}` ({cfg.name})",
             "",
@@ -200,18 +201,64 @@ def write_report(exp_dir: Path, out: Path) -> Path:
             format_summary(s),
             "```",
             "",
-            "| rank | model | val. acc. | layers | restarts | lr |",
-            "|---:|---:|---:|---:|---:|---:|",
+            f"Ranked by {'validation accuracy' if rank_by == 'accuracy' else 'the agent reward'}.",
+            "",
+            "| rank | model | val. acc. | reward | layers | params | MACs | latency (ms) | restarts | lr |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *[
-                f"| {i} | {m.id} | {m.reward:.4f} | {len(parse_architecture(m.arch)) - 1} | {m.metrics.get('restarts')} "
+                f"| {i} | {m.id} | {m.accuracy or 0.0:.4f} | {m.reward:.4f} | {len(parse_architecture(m.arch)) - 1} "
+                f"| {_num(cost_of(m.metrics, 'params'))} | {_num(cost_of(m.metrics, 'macs'))} "
+                f"| {_num(cost_of(m.metrics, 'latency'), '.3f')} | {m.metrics.get('restarts')} "
                 f"| {m.metrics.get('learning_rate')} |"
                 for i, m in enumerate(top, 1)
             ],
         ]
         lines += early_stop_section(store, out)
+        lines += pareto_section(store, out)
         page = out / "report.md"
         page.write_text("\n".join(lines + finetune_section(exp_dir) + transfer_section(exp_dir)) + "\n")
     return page
+
+
+def _num(value: Any, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def pareto_section(store: ExperimentStore, out: Path) -> List[str]:
+    """Accuracy against params, MACs and latency for every trained model, the front marked (issue 22)."""
+    rows = [(m.id, float(m.accuracy), m.metrics) for m in store.models(ModelStatus.DONE) if m.accuracy is not None]
+    lines: List[str] = []
+    for cost in COSTS:
+        points, note = comparable(rows, cost)
+        if not points:
+            continue
+        front = pareto_front(points)
+        name = f"figPareto_{cost}.png"
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        on = set(front)
+        ax.scatter([c for k, _, c in points if k not in on], [a for k, a, _ in points if k not in on],
+                   s=12, color="#9ab", label="trained models")  # fmt: skip
+        by_id = {k: (a, c) for k, a, c in points}
+        ax.plot([by_id[k][1] for k in front], [by_id[k][0] for k in front], "o-", color="#c0392b", ms=5,
+                label=f"Pareto front ({len(front)})")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(LABELS[cost])
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"accuracy against {LABELS[cost]}" + (f"\n{note}" if note else ""), fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        lines += [
+            "",
+            f"### Accuracy against {LABELS[cost]}",
+            "",
+            f"![Pareto {cost}]({name})",
+            "",
+            f"On the front, cheapest first: {', '.join(f'#{k} ({by_id[k][0]:.4f}, {by_id[k][1]:,.6g})' for k in front)}"
+            + (f". {note[0].upper() + note[1:]}." if note else "."),
+        ]
+    return ["", "## Accuracy against cost (Pareto front)", *lines] if lines else []
 
 
 def early_stop_section(store: ExperimentStore, out: Path) -> List[str]:

@@ -24,6 +24,7 @@ from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.caffe.schema import load_schema
 from metaqnn.config import Config, upgrade_record
+from metaqnn.constraints import LatencyPlan, Scorer
 from metaqnn.early_stop.curves import epochs_trained
 from metaqnn.early_stop.rules import StopRule
 from metaqnn.early_stop.source import RuleSource
@@ -41,7 +42,8 @@ from metaqnn.solverspec import Protocol
 from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
 from qagent.arch import Layer, parse_architecture
-from qagent.errors import MetaQNNError
+from qagent.costs import Barrier, Budget
+from qagent.errors import ConfigError, MetaQNNError
 from qagent.status import MEASURED, TRAINED, ModelStatus
 from qagent.store import ExperimentStore
 
@@ -196,12 +198,39 @@ def make_executor(options: SearchOptions, run: Callable[[Any], TrainResult]) -> 
     return LocalExecutor(run, slots, options.gpus, per_gpu=options.trainings_per_gpu if options.gpus else 1)
 
 
+def budget_barrier(config: Config) -> Optional[Barrier]:
+    """The agent's budget barrier ([constraints] max_params / max_macs), or None when there is no such budget."""
+    budget = config.constraints.budget
+    return Barrier(config.space, config.dataset.channels, budget) if budget.active else None
+
+
+def check_constraints(config: Config, on_gpus: bool) -> None:
+    """A budget no architecture of the space fits, or a latency nobody can measure, is refused before
+    anything exists (the cheapest nets are found exactly, :meth:`qagent.costs.Barrier.cheapest`)."""
+    c = config.constraints
+    barrier = budget_barrier(config)
+    if barrier is not None and not barrier.cheapest():
+        cheapest = Barrier(config.space, config.dataset.channels, Budget()).cheapest()
+        fewest = min(x.params for x in cheapest)
+        least = min(x.macs for x in cheapest)
+        raise ConfigError(
+            f"no architecture of the {config.name} space fits the budget (constraints.max_params {c.max_params}, "
+            f"max_macs {c.max_macs}): the smallest has {fewest:,} parameters, the cheapest {least:,} MACs"
+        )
+    if c.needs_latency and c.latency_device == "gpu" and not on_gpus:
+        raise ConfigError(
+            'constraints.latency_device = "gpu" needs a search that trains on GPUs (--gpu/--gpus): '
+            'this one trains on the CPU; set latency_device = "cpu" or give the GPUs'
+        )
+
+
 def check_before_creating(
     config: Config, options: SearchOptions, caffe: Any, protocol: Protocol
 ) -> Tuple[str, Dict[str, Any]]:
     """Everything a search depends on, before the experiment exists: the driver (GPU runs), the
     caffe binary and its schema, the data (prepared if missing, checked against the config), and
     one real iteration.  Returns caffe's version line and the manifest's sets."""
+    check_constraints(config, bool(options.gpus) or options.ray_gpus)
     if options.gpus and not options.ray:
         ensure_gpu_ready(caffe)
     version = check_caffe_runs(caffe.binary)
@@ -255,7 +284,7 @@ def _search_in_store(
     with ExperimentStore.open(options.exp_dir / STORE_NAME, config.to_dict(), normalize=upgrade_record) as store:
         store.set_meta("data_dir", str(data_dir))  # the experiment exists only once everything above passed
         exp_id = experiment_id(store, options.exp_dir)
-        agent = Agent(space, config.schedule, config.agent)
+        agent = Agent(space, config.schedule, config.agent, budget_barrier(config))
         store.load_agent(agent)
         progress = Progress(agent, store, log)
         rules = RuleSource(config.early_stop, protocol.epochs, config.agent.seed, progress.event).load(store)
@@ -285,7 +314,8 @@ def _search_in_store(
         )
         breaker = CircuitBreaker(options.max_same_failures)
         try:
-            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker, rules)
+            scorer = Scorer(config.constraints, space.image_size, config.dataset.channels, space.num_classes)
+            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker, rules, scorer)
         except BaseException:
             runner.stop_all()  # trainings still in flight stay "running" in the store: resumed next time
             raise
@@ -343,6 +373,7 @@ def build_job(
         early_stop=early_stop,
         experiment_id=places.experiment_id,
         model_id=model_id,
+        latency=LatencyPlan.of(config.constraints),
     )
 
 
@@ -360,6 +391,7 @@ def search_loop(
     max_models: Optional[int] = None,
     breaker: Optional[CircuitBreaker] = None,
     rules: Optional[RuleSource] = None,
+    scorer: Optional[Scorer] = None,
 ) -> int:
     """Algorithm 1 over a store with up to ``executor.slots`` models in flight.
 
@@ -369,7 +401,7 @@ def search_loop(
     is sampled while a copy of it is training is not sent out again: the sample waits for that
     result and then counts as a duplicate.  Returns the number of models sent out.
     """
-    return _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker, rules).run()
+    return _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker, rules, scorer).run()
 
 
 class _SearchLoop:
@@ -387,9 +419,11 @@ class _SearchLoop:
         max_models: Optional[int],
         breaker: Optional[CircuitBreaker],
         rules: Optional[RuleSource] = None,
+        scorer: Optional[Scorer] = None,
     ) -> None:
         self.agent, self.store, self.executor, self.make_job = agent, store, executor, make_job
         self.progress, self.max_models, self.breaker, self.rules = progress, max_models, breaker, rules
+        self.scorer = scorer  # costs and the shaped reward ([constraints]); None: neither (synthetic searches)
         self.launched: Dict[str, Tuple[Proposal, int]] = {}  # arch -> (its proposal, its model id)
         self.waiting: Dict[str, List[Proposal]] = {}  # arch in flight -> later samples of it
         self.deferred: Set[str] = set()  # set aside in this run (no reward): a re-sample teaches nothing
@@ -472,18 +506,29 @@ class _SearchLoop:
             self.progress.event(f"#{model_id} out of memory, skipped: {p.arch}", p.epsilon)
         else:
             reward = reward_of(result, agent.failure_reward)
-            agent.observe(p.arch, p.encoded, reward, p.epsilon)
+            metrics.update(self.scorer.costs(p.layers) if self.scorer is not None else {})
+            if self.scorer is not None and self.scorer.shaping and result.status in TRAINED_OK:
+                metrics["accuracy"] = reward  # the store keeps the accuracy beside the shaped reward
+                reward = self.scorer.reward(reward, metrics)
+            rejected = result.status == ModelStatus.REJECTED
+            agent.observe(p.arch, p.encoded, reward, p.epsilon, trained=not rejected)
+            if rejected:
+                self.sent -= 1  # --max-models counts models trained: another takes its place
             self.store.record_result(
                 agent, p, result.status, reward, metrics, result.message or None, checkpoint=starts
             )
             if result.status == ModelStatus.DONE and self.rules is not None:
                 self.rules.observe(model_id, p.arch, metrics)
             if result.status == ModelStatus.DONE:
-                what = f"acc {reward:.4f}"
+                what = f"acc {metrics.get('accuracy', reward):.4f}" + (
+                    f" reward {reward:.4f}" if "accuracy" in metrics else ""
+                )
             elif result.status == ModelStatus.STOPPED:
                 what = (
                     f"predicted {reward:.4f} (stopped at epoch {result.stopped_epoch}, measured {result.best_accuracy})"
                 )
+            elif rejected:
+                what = f"REJECTED ({result.message}), reward {reward:.4f}"
             else:
                 what = f"FAILED ({result.failure}: {result.message})"
             self.progress.event(
@@ -526,6 +571,9 @@ class _SearchLoop:
                 self.store.record_result(agent, dup, ModelStatus.OOM, None, None, self.OOM_AGAIN)
 
 
+TRAINED_OK = (ModelStatus.DONE, ModelStatus.STOPPED)  # an accuracy (measured or predicted), shaped with [constraints]
+
+
 def reward_of(result: TrainResult, failure_reward: float) -> float:
     """The agent's reward: the measured best accuracy, the prediction for a model stopped early,
     else the failure reward."""
@@ -561,9 +609,9 @@ def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10
         epochs += epochs_trained(m.metrics) if m.metrics and m.status != ModelStatus.DUPLICATE else 0.0
         if m.status in TRAINED and m.reward is not None:
             e = per_eps.setdefault(m.epsilon, {"rewards": [], "measured": [], "stopped": 0})
-            e["rewards"].append(m.reward)
+            e["rewards"].append(m.accuracy)  # the accuracy, also when [constraints] shaped the reward
             if m.status in MEASURED:
-                e["measured"].append(m.reward)
+                e["measured"].append(m.accuracy)
             e["stopped"] += m.status == ModelStatus.STOPPED
     stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.reward or 0.0), m.id))
     return {
@@ -576,13 +624,26 @@ def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10
             }
             for e, v in sorted(per_eps.items(), reverse=True)
         },
-        "top": [(m.id, m.reward, m.arch) for m in store.top_models(top)],
+        "top": [(m.id, m.accuracy, m.arch, cost_text(m.metrics)) for m in store.top_models(top)],
         "stopped": [(m.id, m.reward, m.arch, m.metrics.get("stopped_epoch")) for m in stopped[:top]],
         "stopped_total": len(stopped),
         "epochs_trained": epochs,
         "complete": None if agent is None else agent.done,
         "samples": sum(1 for _ in store.samples()),
     }
+
+
+def cost_text(metrics: Dict[str, Any]) -> str:
+    """A model's costs as status and the summary print them: params, MACs, latency and where it was measured."""
+    parts = []
+    if metrics.get("params") is not None:
+        parts.append(f"{metrics['params']:,} params")
+    if metrics.get("macs") is not None:
+        parts.append(f"{metrics['macs']:,} MACs")
+    latency = metrics.get("latency")
+    if isinstance(latency, dict) and latency.get("forward_ms") is not None:
+        parts.append(f"{latency['forward_ms']:.3f} ms on {latency.get('device', '?')}")
+    return ", ".join(parts)
 
 
 def format_summary(s: Dict[str, Any]) -> str:
@@ -598,8 +659,8 @@ def format_summary(s: Dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append("top models (validation accuracy):")
-    for rank, (mid, reward, arch) in enumerate(s["top"], 1):
-        lines.append(f"{rank:3d}. #{mid:<5d} {reward:.4f}  {arch}")
+    for rank, (mid, reward, arch, *costs) in enumerate(s["top"], 1):
+        lines.append(f"{rank:3d}. #{mid:<5d} {reward:.4f}  {arch}" + (f"  ({costs[0]})" if costs and costs[0] else ""))
     if early:
         lines.append("")
         lines.append("stopped early (PREDICTED accuracy, not measured; `metaqnn finish` trains them to the end):")

@@ -35,6 +35,7 @@ from data_prep.lmdb_check import lmdb_file_problem
 from metaqnn import faults
 from metaqnn.caffe.logparse import LogState, merge_states, parse_lines, split_runs, write_csvs
 from metaqnn.caffe.runner import RunOutcome, Stall, fsync_file, measured_epoch_seconds, run_caffe, train_argv
+from metaqnn.constraints import LatencyPlan
 from metaqnn.early_stop import ModelInfo, StopDecision, StopRule, epoch_curve, model_info
 from metaqnn.early_stop.rules import describe
 from metaqnn.experiment import IDENTITY, read_identity
@@ -85,6 +86,7 @@ class TrainJob:
     early_stop: Optional[StopRule] = None  # may stop the full training at a checkpoint epoch (metaqnn.early_stop)
     experiment_id: str = ""  # the store's experiment id: the model folder must carry it (identity.json)
     model_id: Optional[int] = None
+    latency: Optional[LatencyPlan] = None  # time the model with `caffe time` first ([constraints])
 
     def __post_init__(self) -> None:
         # caffe runs inside the model folder: a relative path would point somewhere else there
@@ -118,6 +120,7 @@ class TrainResult:
     stop_rule: str = ""
     resume_iteration: Optional[int] = None  # the snapshot kept to finish the training later
     notes: List[str] = field(default_factory=list)  # what the search should say about this training
+    latency: Optional[Dict[str, Any]] = None  # metaqnn.latency.Latency.to_dict(), when [constraints] times models
 
     def __post_init__(self) -> None:  # a result read back from result.json holds plain strings
         self.status = ModelStatus(self.status)
@@ -315,7 +318,7 @@ class _StartAfresh(InfrastructureError):
 
 
 # result.json statuses that are results; a 'deferred' one was set aside and is trained again
-_RESULT_STATUSES = (ModelStatus.DONE, ModelStatus.FAILED, ModelStatus.STOPPED, ModelStatus.OOM)
+_RESULT_STATUSES = (ModelStatus.DONE, ModelStatus.FAILED, ModelStatus.STOPPED, ModelStatus.OOM, ModelStatus.REJECTED)
 
 
 def _digest(text: str) -> str:
@@ -618,8 +621,14 @@ class Trainer:
         self.snap_dir.mkdir(exist_ok=True)
         (self.dir / "net.prototxt").write_text(self.net_text)
         self.param_count = self.spec.param_count
+        latency = self._latency() if job.latency is not None else None
         try:
-            result = self._protocol()
+            if latency is not None and "forward_ms" not in latency:  # caffe time refused the net
+                result = Verdict.failed(FailureKind.REJECTED, f"caffe time: {latency['error']}").result()
+            elif latency is not None and self._over_latency(latency):
+                result = self._rejected(latency)
+            else:
+                result = self._protocol()
         except _StartAfresh as why:
             dest = set_aside(self.dir)
             self._note(f"model folder {self.dir} set aside as {dest.name} because {why}; training from the start")
@@ -629,6 +638,7 @@ class Trainer:
             self.states = []
             result = self._protocol()  # a second loss in a fresh folder is not caught: it stops the search
         result.notes = self.notes + result.notes
+        result.latency = latency if latency is None or "forward_ms" in latency else None
         result.param_count = self.spec.param_count
         result.iters_per_epoch = self.ipe
         result.caffe_seed = job.seed
@@ -640,6 +650,57 @@ class Trainer:
         faults.point("trained")
         self._commit(result)
         return result
+
+    def _latency(self) -> Dict[str, Any]:
+        """The model's forward latency (metaqnn.latency), measured once: a rerun reads latency.json.
+
+        A net ``caffe time`` refuses is ``{"error": reason}`` (cached too): caffe train would refuse it as well.
+        """
+        from metaqnn.latency import LatencyError, measure_latency
+
+        plan = self.job.latency
+        assert plan is not None
+        cache = self.dir / "latency.json"
+        try:
+            found = json.loads(cache.read_text())
+            if isinstance(found, dict) and found.get("settings") == plan.settings():
+                return dict(found["latency"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        try:
+            measured: Dict[str, Any] = measure_latency(
+                self.job.caffe,
+                self.spec,
+                channels=self.job.channels,
+                image_size=self.job.image_size,
+                folder=self.dir / "latency",
+                batch=plan.batch,
+                iterations=plan.iterations,
+                warmup=plan.warmup,
+                gpu=self.job.gpu if plan.on_gpu else None,
+                timeout=self.job.timeout or 600.0,
+            ).to_dict()
+        except LatencyError as exc:
+            measured = {"error": str(exc)}
+        write_atomic(cache, json.dumps({"settings": plan.settings(), "latency": measured}, indent=1))
+        faults.point("latency-measured")
+        return measured
+
+    def _over_latency(self, latency: Optional[Dict[str, Any]]) -> bool:
+        plan = self.job.latency
+        return (
+            latency is not None and plan is not None and plan.max_ms is not None and latency["forward_ms"] > plan.max_ms
+        )
+
+    def _rejected(self, latency: Dict[str, Any]) -> TrainResult:
+        plan = self.job.latency
+        assert plan is not None
+        return TrainResult(
+            ModelStatus.REJECTED,
+            failure=FailureKind.OVER_LATENCY,
+            message=f"latency {latency['forward_ms']:.3f} ms > constraints.max_latency_ms {plan.max_ms:g} "
+            f"({latency.get('device', '?')}): never trained",
+        )
 
     def _commit(self, result: TrainResult) -> None:
         """Make the result durable before deleting anything it was computed from, then prune."""

@@ -133,7 +133,9 @@ def from_folder(folder: Path, include_predicted: bool = False) -> SourceModel:
     return SourceModel(layers, weights if weights.is_file() else None, origin, preset)
 
 
-def from_experiment(exp_dir: Path, model_id: Optional[int], include_predicted: bool = False) -> SourceModel:
+def from_experiment(
+    exp_dir: Path, model_id: Optional[int], include_predicted: bool = False, rank_by: str = "accuracy"
+) -> SourceModel:
     """Model ``model_id`` of an experiment (None: its best measured model), with its finished weights.
 
     The export rank folder of that model is used when ``export``/``finetune`` wrote one (its
@@ -147,7 +149,7 @@ def from_experiment(exp_dir: Path, model_id: Optional[int], include_predicted: b
         cfg = experiment_config(store)
         dataset, shape = cfg.name, (cfg.space.image_size, cfg.dataset.channels, cfg.space.num_classes)
         if model_id is None:
-            top = store.top_models(1, include_predicted=include_predicted)
+            top = store.top_models(1, include_predicted=include_predicted, by=rank_by)
             if not top:
                 raise TransferError(
                     f"experiment {exp_dir} has no trained model yet"
@@ -206,6 +208,7 @@ def resolve_source(
     weights: Optional[Path] = None,
     include_predicted: bool = False,
     every_way: bool = True,
+    rank_by: str = "accuracy",
 ) -> SourceModel:
     """Exactly one of ``arch``, ``folder``, ``exp_dir`` (+ ``model_id``) or ``net``; ``weights`` replaces any weights.
 
@@ -234,7 +237,7 @@ def resolve_source(
 
         if not (exp_dir / STORE_NAME).is_file():
             raise TransferError(f"--exp {exp_dir}: no experiment there (no {STORE_NAME})")
-        source = from_experiment(exp_dir, model_id, include_predicted)
+        source = from_experiment(exp_dir, model_id, include_predicted, rank_by)
     else:
         assert net is not None
         source = from_net(net)

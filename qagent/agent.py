@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from qagent.arch import Architecture, format_architecture, parse_architecture
+from qagent.costs import Barrier
 from qagent.errors import ConfigError
 from qagent.qlearning import EncodedStep, QTable, sample_trajectory
 from qagent.schedule import EpsilonSchedule
@@ -70,8 +71,12 @@ class Proposal:
 
 
 class Agent:
-    def __init__(self, space: SpaceConfig, schedule: EpsilonSchedule, config: AgentConfig) -> None:
+    def __init__(
+        self, space: SpaceConfig, schedule: EpsilonSchedule, config: AgentConfig, barrier: Optional[Barrier] = None
+    ) -> None:
         self.space = space
+        # A size budget (qagent.costs): the walk chooses only among actions that can still end within it.
+        self.barrier = barrier
         self.schedule = schedule
         self.config = config
         self.q = QTable(space, config.q_init)
@@ -113,7 +118,7 @@ class Agent:
         eps = self.epsilon
         if eps is None:
             raise RuntimeError("the epsilon schedule is complete")
-        steps, encoded = sample_trajectory(self.q, eps, self.rng)
+        steps, encoded = sample_trajectory(self.q, eps, self.rng, self.barrier)
         layers = architecture_of(self.space, steps)
         arch = format_architecture(layers)
         return Proposal(arch, layers, eps, tuple(encoded), self.rewards.get(arch))
@@ -122,18 +127,22 @@ class Agent:
         return tuple(self.q.encode(trajectory_of(self.space, parse_architecture(arch))))
 
     # -- Algorithm 1's bookkeeping and Algorithm 3 ------------------------------------
-    def observe(self, arch: str, encoded: Tuple[EncodedStep, ...], reward: float, epsilon: float) -> bool:
+    def observe(
+        self, arch: str, encoded: Tuple[EncodedStep, ...], reward: float, epsilon: float, trained: bool = True
+    ) -> bool:
         """Store the result, then replay ``replays_per_model`` uniform samples of the memory.
 
         A re-sampled architecture is not retrained: its stored reward is appended to the
         memory again (so frequently chosen nets weigh more) but does not advance the schedule.
-        Returns True when this was a new unique model.
+        ``trained`` False: a net rejected before training (over a latency budget) teaches its
+        reward but is no trained model of the schedule.  Returns True when this was a new unique model.
         """
         self.in_flight.pop(arch, None)
         new = arch not in self.rewards
         if new:
             self.rewards[arch] = reward
-            self.trained_per_epsilon[epsilon] = self.trained_per_epsilon.get(epsilon, 0) + 1
+            if trained:
+                self.trained_per_epsilon[epsilon] = self.trained_per_epsilon.get(epsilon, 0) + 1
         self.replay.append((encoded, reward))
         self.iteration += 1
         self._replay()

@@ -8,9 +8,12 @@ trajectory is encoded once as a list of (state id, action index) pairs.
 """
 
 import random
-from typing import Dict, Iterable, List, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from qagent.space import Action, SpaceConfig, State, Step, actions, start, transition
+
+if TYPE_CHECKING:
+    from qagent.costs import Barrier
 
 EncodedStep = Tuple[int, int]
 
@@ -83,8 +86,17 @@ class QTable:
             dirty.add(sid)
 
 
-def sample_trajectory(table: QTable, epsilon: float, rng: random.Random) -> Tuple[List[Step], List[EncodedStep]]:
-    """Algorithm 2: epsilon-greedy walk from the start state, ties among maximal actions broken uniformly."""
+def sample_trajectory(
+    table: QTable, epsilon: float, rng: random.Random, barrier: "Optional[Barrier]" = None
+) -> Tuple[List[Step], List[EncodedStep]]:
+    """Algorithm 2: epsilon-greedy walk from the start state, ties among maximal actions broken uniformly.
+
+    With a ``barrier`` (a size budget) the walk chooses only among the actions it allows: the
+    greedy step takes the best allowed Q-value, the random step a uniform allowed action.  The
+    Q-table keeps every action; without a barrier the walk draws exactly the numbers it always did.
+    """
+    if barrier is not None:
+        return _barred_walk(table, epsilon, rng, barrier)
     space = table.space
     state, n = start(space)
     steps: List[Step] = []
@@ -104,4 +116,35 @@ def sample_trajectory(table: QTable, epsilon: float, rng: random.Random) -> Tupl
         encoded.append((sid, idx))
         state, n = transition(space, state, action, n)
         if state.kind == "term":
+            return steps, encoded
+
+
+def _barred_walk(
+    table: QTable, epsilon: float, rng: random.Random, barrier: "Barrier"
+) -> Tuple[List[Step], List[EncodedStep]]:
+    from qagent.costs import ZERO
+
+    position, spent = barrier.start(), ZERO
+    steps: List[Step] = []
+    encoded: List[EncodedStep] = []
+    while True:
+        state = position[0]
+        sid = table.state_id(state)
+        acts = table.actions[sid]
+        open_ = [i for i, ok in enumerate(barrier.allowed(position, spent)) if ok]
+        if not open_:  # the barrier keeps every walk to positions that can still end: a bug if reached
+            raise RuntimeError(f"every action of {state.key()} is over budget")
+        if rng.random() > epsilon:
+            row = table.values[sid]
+            best = max(row[i] for i in open_)
+            ties = [i for i in open_ if row[i] == best]
+            idx = ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
+        else:
+            idx = open_[rng.randrange(len(open_))]
+        action = acts[idx]
+        steps.append((state, action))
+        encoded.append((sid, idx))
+        cost, position = barrier.step(position, action)
+        spent = spent + cost
+        if position[0].kind == "term":
             return steps, encoded

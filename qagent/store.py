@@ -31,7 +31,7 @@ from qagent.agent import Agent, AgentState, Proposal
 from qagent.errors import MetaQNNError, StoreError, StoreLockedError
 from qagent.outdir import first_missing, make_output_dir, os_reason
 from qagent.space import State
-from qagent.status import MEASURED, TRAINED, ModelStatus
+from qagent.status import MEASURED, REWARDED, TRAINED, ModelStatus
 
 SCHEMA_VERSION = 1
 
@@ -66,8 +66,11 @@ REQUIRED_TABLES = ("meta", "models", "samples", "qstates", "qvalues", "agent")
 # failures began, so that the circuit breaker can take those failures back (see rollback_streak).
 _CHECKPOINT_SCHEMA = "CREATE TABLE IF NOT EXISTS qcheckpoint(id INTEGER PRIMARY KEY, q BLOB NOT NULL);"
 _TRAINED_SQL = ", ".join(f"'{s.value}'" for s in TRAINED)
+_REWARDED_SQL = ", ".join(f"'{s.value}'" for s in REWARDED)
 # a column value that is set but is not a number in [0, 1] (a reward or an epsilon)
 _NOT_A_RATE = "({0} IS NOT NULL AND (typeof({0}) NOT IN ('real', 'integer') OR {0} < 0 OR {0} > 1))"
+# a shaped reward (constraints.reward = "mnas": accuracy x a cost factor) may exceed 1; never negative
+_NOT_A_SHAPED_REWARD = "({0} IS NOT NULL AND (typeof({0}) NOT IN ('real', 'integer') OR {0} < 0 OR {0} > 1e6))"
 _MEASURED_SQL = ", ".join(f"'{s.value}'" for s in MEASURED)
 
 
@@ -83,6 +86,12 @@ class ModelRow:
     attempts: int
     started: Optional[float]
     finished: Optional[float]
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        """The model's (measured or predicted) accuracy; its reward unless [constraints] shaped the reward."""
+        value = self.metrics.get("accuracy")
+        return self.reward if value is None else float(value)
 
 
 def _row_to_model(r: sqlite3.Row) -> ModelRow:
@@ -377,24 +386,34 @@ class ExperimentStore:
             raise damaged("samples of models it does not hold")
         unsampled = count(  # a join, not NOT EXISTS: SQLite indexes it on the fly (ms, not s, at paper scale)
             "SELECT COUNT(*) FROM models m LEFT JOIN (SELECT DISTINCT arch FROM samples) s ON s.arch = m.arch "
-            f"WHERE m.status IN ({_TRAINED_SQL}) AND s.arch IS NULL"
+            f"WHERE m.status IN ({_REWARDED_SQL}) AND s.arch IS NULL"
         )
         if unsampled:
             raise damaged(f"{unsampled} trained models without their samples")
-        if count(f"SELECT COUNT(*) FROM models WHERE status IN ({_TRAINED_SQL}) AND reward IS NULL"):
+        if count(f"SELECT COUNT(*) FROM models WHERE status IN ({_REWARDED_SQL}) AND reward IS NULL"):
             raise damaged("trained models without a reward")
+        shaped = self._shaped_rewards()
+        not_a_reward = (_NOT_A_SHAPED_REWARD if shaped else _NOT_A_RATE).format("reward")
         for table in ("models", "samples"):
-            if count(
-                f"SELECT COUNT(*) FROM {table} WHERE {_NOT_A_RATE.format('reward')} OR {_NOT_A_RATE.format('epsilon')}"
-            ):
-                raise damaged(f"{table} with a reward or an epsilon that is not a number in [0, 1]")
+            if count(f"SELECT COUNT(*) FROM {table} WHERE {not_a_reward} OR {_NOT_A_RATE.format('epsilon')}"):
+                what = "a non-negative number" if shaped else "a number in [0, 1]"
+                raise damaged(f"{table} with a reward that is not {what}, or an epsilon that is not in [0, 1]")
         disagree = count(  # a sample keeps the reward the agent was given: the model's, unless finished since
             "SELECT COUNT(*) FROM samples s JOIN models m ON m.arch = s.arch WHERE s.reward IS NOT NULL "
-            f"AND m.status IN ({_TRAINED_SQL}) AND s.reward != m.reward "
+            f"AND m.status IN ({_REWARDED_SQL}) AND s.reward != m.reward "
             "AND instr(COALESCE(m.metrics, ''), '\"stopped_early\"') = 0"
         )
         if disagree:
             raise damaged(f"{disagree} samples whose reward is not their model's")
+
+    def _shaped_rewards(self) -> bool:
+        """The experiment's rewards are accuracies times a cost factor (``constraints.reward = "mnas"``)."""
+        try:
+            record = self.config()
+        except Exception:  # no or unreadable config: judged by the checks that read it
+            return False
+        constraints = record.get("constraints") if isinstance(record, dict) else None
+        return isinstance(constraints, dict) and constraints.get("reward") == "mnas"
 
     def close(self) -> None:
         self.conn.close()
@@ -492,12 +511,17 @@ class ExperimentStore:
         return None if r is None else _row_to_model(r)
 
     @_guarded
-    def top_models(self, k: int, include_predicted: bool = False) -> List[ModelRow]:
-        """The best ``k`` by reward: measured accuracies only, unless predicted ones are asked for too."""
+    def top_models(self, k: int, include_predicted: bool = False, by: str = "accuracy") -> List[ModelRow]:
+        """The best ``k`` by accuracy (or by ``by="reward"``, the agent's, shaped under [constraints]):
+        measured accuracies only, unless predicted ones are asked for too.  Without reward shaping
+        the two orders are one: a model's accuracy is its reward."""
+        if by not in ("accuracy", "reward"):
+            raise ValueError(f"rank by accuracy or reward, not {by!r}")
         statuses = [ModelStatus.DONE] + ([ModelStatus.STOPPED] if include_predicted else [])
         marks = ", ".join("?" for _ in statuses)
+        key = "reward" if by == "reward" else "COALESCE(json_extract(metrics, '$.accuracy'), reward)"
         rows = self.conn.execute(
-            f"SELECT * FROM models WHERE status IN ({marks}) ORDER BY reward DESC, id ASC LIMIT ?",
+            f"SELECT * FROM models WHERE status IN ({marks}) ORDER BY {key} DESC, id ASC LIMIT ?",
             (*[s.value for s in statuses], k),
         )
         return [_row_to_model(r) for r in rows]
@@ -532,11 +556,15 @@ class ExperimentStore:
 
     @_guarded
     def rewards_at(self, epsilon: float, measured_only: bool = False) -> List[float]:
-        """Rewards of the unique models trained at one epsilon (for progress lines); with
-        ``measured_only``, not the predictions of models stopped early."""
+        """Accuracies of the unique models trained at one epsilon (for progress lines: the reward,
+        unless [constraints] shaped it); with ``measured_only``, not the predictions of models stopped early."""
         statuses = _MEASURED_SQL if measured_only else _TRAINED_SQL
-        rows = self.conn.execute(f"SELECT reward FROM models WHERE epsilon = ? AND status IN ({statuses})", (epsilon,))
-        return [r["reward"] for r in rows]
+        rows = self.conn.execute(
+            "SELECT COALESCE(json_extract(metrics, '$.accuracy'), reward) AS accuracy FROM models "
+            f"WHERE epsilon = ? AND status IN ({statuses})",
+            (epsilon,),
+        )
+        return [r["accuracy"] for r in rows]
 
     def running(self) -> List[ModelRow]:
         return self.models(ModelStatus.RUNNING)
@@ -553,7 +581,7 @@ class ExperimentStore:
         rewards: Dict[str, float] = {}
         skipped = set()
         for m in self.models():
-            if m.status in TRAINED and m.reward is not None:
+            if m.status in REWARDED and m.reward is not None:
                 rewards[m.arch] = m.reward
             elif m.status == ModelStatus.OOM:
                 skipped.add(m.arch)
@@ -635,7 +663,7 @@ class ExperimentStore:
             conn = self.conn
             if checkpoint:
                 self._write_checkpoint(agent.iteration - 1)
-            if status in TRAINED or status == ModelStatus.OOM:
+            if status in REWARDED or status == ModelStatus.OOM:
                 conn.execute(
                     "INSERT INTO models(arch, status, epsilon, reward, metrics, message, attempts, finished) "
                     "VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(arch) DO UPDATE SET status = excluded.status, "

@@ -36,8 +36,15 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("home")
 
 
+def workspace_env(home: Path) -> dict:
+    """A workspace of its own, and the project's Caffe: a workspace's .deps/ would be searched otherwise."""
+    from metaqnn.caffe.locate import find_caffe
+
+    return {"METAQNN_HOME": str(home), "CAFFE_BIN": str(find_caffe().binary)}
+
+
 def run(home: Path, *args: str, **kw):
-    return cli(*args, env={"METAQNN_HOME": str(home)}, **kw)
+    return cli(*args, env=workspace_env(home), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +209,7 @@ def test_bad_requests_are_one_line_and_create_nothing(home, digits_model, tmp_pa
         (["train", "--arch", SMALL, "--out", str(tmp_path)], "is not empty and holds no training"),
     ]
     for args, fragment in cases:
-        r = cli(*args, *([] if "--out" in args else ["--out", str(out)]), env={"METAQNN_HOME": str(fresh)})
+        r = cli(*args, *([] if "--out" in args else ["--out", str(out)]), env=workspace_env(fresh))
         one_line_error(r, fragment)
         assert not out.exists() and list(fresh.iterdir()) == [], (args, list(fresh.iterdir()))
 
@@ -223,7 +230,7 @@ def test_a_training_killed_by_sigkill_resumes_from_its_snapshot(home, digits_mod
     out = tmp_path / "long"
     argv = [sys.executable, "-m", "metaqnn", "train", "--from", str(digits_model), "--dataset", "digits59",
             "--protocol-set", "epochs=150", "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "METAQNN_HOME": str(home)}
+    env = {**os.environ, **workspace_env(home)}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
@@ -301,7 +308,7 @@ def test_relative_out_folders_and_every_target_checked_before_the_first_trains(h
     """--out relative to where the command runs; a target whose data cannot be made stops the transfer first."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {**os.environ, "METAQNN_HOME": str(home)}
+    env = {**os.environ, **workspace_env(home)}
     argv = [sys.executable, "-m", "metaqnn", "train", "--from", str(digits_model), "--dataset", "digits59",
             "--protocol-set", "epochs=1", "--out", "rel"]  # fmt: skip
     r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
