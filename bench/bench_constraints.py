@@ -69,8 +69,12 @@ def main() -> None:
     p, n = trained(params), trained(mnas)
     under_b = [m for m in b if m["params"] <= budget]
     print(f"\nmax_params = {budget:,} (25th percentile of {len(b)} trained models of the unconstrained run)")
-    print(f"  unconstrained: {len(under_b)} of {len(b)} trained models under the budget, best accuracy under it {best(under_b)}")
-    print(f"  constrained:   {len(p)} trained models, largest {max(m['params'] for m in p):,} params, best accuracy {best(p)}")
+    print(
+        f"  unconstrained: {len(under_b)} of {len(b)} trained models under the budget, best accuracy under it {best(under_b)}"
+    )
+    print(
+        f"  constrained:   {len(p)} trained models, largest {max(m['params'] for m in p):,} params, best accuracy {best(p)}"
+    )
     print(f"\nmnas on CPU latency, target {target:.4f} ms (median of the unconstrained run), alpha = beta = -0.07")
     for name, run in (("unconstrained", b), ("mnas", n)):
         last = [m["lat"] for m in run if m["eps"] == 0.1 and m["lat"] is not None]
