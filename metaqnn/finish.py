@@ -15,6 +15,7 @@ from data_prep.sources import DataError
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import Stall
 from metaqnn.config import upgrade_record
+from metaqnn.constraints import Scorer
 from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir, experiment_id, model_dir
 from metaqnn.search import JobPlaces, build_job
 from metaqnn.trainer import Trainer, snapshot_files
@@ -30,7 +31,7 @@ STOP_FIELDS = ("predicted_accuracy", "stopped_epoch", "stop_probability", "stop_
 def stopped_prediction(m: ModelRow) -> Optional[float]:
     """The prediction a model was stopped with: still stopped, or finished since (kept beside the measurement)."""
     if m.status == ModelStatus.STOPPED:
-        return m.reward
+        return m.accuracy  # the prediction itself, not the reward [constraints] shaped from it
     kept = m.metrics.get("stopped_early")
     if m.status == ModelStatus.DONE and isinstance(kept, dict) and kept.get("predicted_accuracy") is not None:
         return float(kept["predicted_accuracy"])
@@ -113,15 +114,17 @@ def finish_stopped(
         exp_id = experiment_id(store, Path(exp_dir))
         places = JobPlaces(caffe.binary, data_dir, manifest["sets"], Path(exp_dir).resolve(), exp_id)
         chosen = choose(store.models(), top, ids)
+        scorer = Scorer(config.constraints, config.space.image_size, config.dataset.channels, config.space.num_classes)
         if not chosen:
             log(f"experiment {exp_dir} has no model stopped early to finish")
         for n, m in enumerate(chosen, 1):
             predicted = stopped_prediction(m) or 0.0
             line: Dict[str, Any] = {"model": m.id, "arch": m.arch, "predicted": predicted}
             if m.status == ModelStatus.DONE:
-                line.update(status=str(m.status), measured=m.reward)
+                line.update(status=str(m.status), measured=m.accuracy)
                 log(
-                    f"[{n}/{len(chosen)}] #{m.id} already finished: measured {m.reward:.4f} (predicted {predicted:.4f})"
+                    f"[{n}/{len(chosen)}] #{m.id} already finished: measured {m.accuracy or 0.0:.4f} "
+                    f"(predicted {predicted:.4f})"
                 )
                 out.append(line)
                 continue
@@ -140,7 +143,14 @@ def finish_stopped(
             if result.status == ModelStatus.DONE and result.best_accuracy is not None:
                 metrics = result.metrics()
                 metrics["stopped_early"] = {k: m.metrics.get(k) for k in STOP_FIELDS}
-                store.record_finished(m.arch, result.best_accuracy, metrics)
+                for key in ("params", "macs", "latency"):  # the costs the search kept ([constraints])
+                    if metrics.get(key) is None and m.metrics.get(key) is not None:
+                        metrics[key] = m.metrics[key]
+                reward = result.best_accuracy
+                if scorer.shaping:  # the agent's reward is shaped as it was for every other model
+                    metrics["accuracy"] = reward
+                    reward = scorer.reward(reward, metrics)
+                store.record_finished(m.arch, reward, metrics)
                 line["measured"] = result.best_accuracy
                 log(f"#{m.id} measured {result.best_accuracy:.4f} (predicted {predicted:.4f})")
             else:

@@ -264,7 +264,7 @@ def pareto_section(store: ExperimentStore, out: Path) -> List[str]:
 def early_stop_section(store: ExperimentStore, out: Path) -> List[str]:
     """Models stopped early, kept apart from measured ones: their predictions, what they had reached,
     and (for those finished since) the prediction beside the measurement, as a table and a plot."""
-    stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.reward or 0.0), m.id))
+    stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.accuracy or 0.0), m.id))
     finished = [m for m in store.models(ModelStatus.DONE) if m.metrics.get("stopped_early")]
     if not stopped and not finished:
         return []
@@ -279,13 +279,13 @@ def early_stop_section(store: ExperimentStore, out: Path) -> List[str]:
         "| model | predicted | stopped at epoch | reached then | rule | architecture |",
         "|---:|---:|---:|---:|---|---|",
         *[
-            f"| {m.id} | {m.reward:.4f} | {m.metrics.get('stopped_epoch')} | {m.metrics.get('best_accuracy')} "
+            f"| {m.id} | {m.accuracy or 0.0:.4f} | {m.metrics.get('stopped_epoch')} | {m.metrics.get('best_accuracy')} "
             f"| {m.metrics.get('stop_rule')} | `{m.arch}` |"
             for m in stopped[:20]
         ],
     ]
     if finished:
-        pairs = [(float(m.metrics["stopped_early"]["predicted_accuracy"]), float(m.reward or 0.0)) for m in finished]
+        pairs = [(float(m.metrics["stopped_early"]["predicted_accuracy"]), float(m.accuracy or 0.0)) for m in finished]
         fig, ax = plt.subplots(figsize=(4.8, 4.5))
         ax.scatter([p for p, _ in pairs], [t for _, t in pairs], s=14)
         lo = min(min(p, t) for p, t in pairs)

@@ -613,7 +613,7 @@ def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10
             if m.status in MEASURED:
                 e["measured"].append(m.accuracy)
             e["stopped"] += m.status == ModelStatus.STOPPED
-    stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.reward or 0.0), m.id))
+    stopped = sorted(store.models(ModelStatus.STOPPED), key=lambda m: (-(m.accuracy or 0.0), m.id))
     return {
         "per_epsilon": {
             e: {
@@ -625,7 +625,7 @@ def summary(store: ExperimentStore, agent: Optional[Agent] = None, top: int = 10
             for e, v in sorted(per_eps.items(), reverse=True)
         },
         "top": [(m.id, m.accuracy, m.arch, cost_text(m.metrics)) for m in store.top_models(top)],
-        "stopped": [(m.id, m.reward, m.arch, m.metrics.get("stopped_epoch")) for m in stopped[:top]],
+        "stopped": [(m.id, m.accuracy, m.arch, m.metrics.get("stopped_epoch")) for m in stopped[:top]],
         "stopped_total": len(stopped),
         "epochs_trained": epochs,
         "complete": None if agent is None else agent.done,

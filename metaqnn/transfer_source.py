@@ -184,7 +184,7 @@ def from_experiment(
         "experiment": experiment,
         "model": row.id,
         "dataset": dataset,
-        "validation_accuracy": row.reward if row.status == ModelStatus.DONE else None,
+        "validation_accuracy": row.accuracy if row.status == ModelStatus.DONE else None,
         "weights_from": "the search's best-epoch weights (not finetuned)",
     }
     if kept.path is None:

@@ -162,3 +162,36 @@ def test_a_search_killed_after_timing_a_model_resumes_without_timing_it_again(di
     ours = [(m["arch"], m["status"], m["reward"]) for m in models(exp)]
     theirs = [(m["arch"], m["status"], m["reward"]) for m in models(reference)]
     assert ours == theirs and all(r is None or math.isfinite(r) for _, _, r in ours)
+
+
+@pytest.mark.parametrize("reward_rule, damaged", [("mnas", False), ("accuracy", True)])
+def test_a_shaped_reward_above_one_is_no_damage_only_when_rewards_are_shaped(tmp_path, reward_rule, damaged):
+    from metaqnn.config import build_config
+    from qagent.agent import Agent
+    from qagent.errors import StoreError
+    from qagent.status import ModelStatus
+    from qagent.store import ExperimentStore
+
+    extra = [f"constraints.reward={reward_rule}"] + (["constraints.target=1000.0"] if reward_rule == "mnas" else [])
+    cfg = build_config("digits", extra)
+    path = tmp_path / "store.sqlite"
+    with ExperimentStore.open(path, cfg.to_dict()) as store:
+        agent = Agent(cfg.space, cfg.schedule, cfg.agent)
+        p = agent.propose()
+        store.begin_model(agent, p)
+        agent.observe(p.arch, p.encoded, 1.07, p.epsilon)
+        store.record_result(agent, p, ModelStatus.DONE, 1.07, {"accuracy": 0.99})
+        q = agent.propose()  # a rejected net: a reward, a sample, no trained model
+        store.begin_model(agent, q)
+        agent.observe(q.arch, q.encoded, 0.1, q.epsilon, trained=False)
+        store.record_result(agent, q, ModelStatus.REJECTED, 0.1, {"latency": {"forward_ms": 9.0}})
+    if damaged:
+        with pytest.raises(StoreError, match="reward that is not a number in"):
+            ExperimentStore.open_readonly(path)
+        return
+    with ExperimentStore.open_readonly(path) as store:
+        assert store.trained_per_epsilon() == {1.0: 1}  # the rejected net is not a trained model
+        resumed = Agent(cfg.space, cfg.schedule, cfg.agent)
+        store.load_agent(resumed)
+        assert resumed.rewards == {p.arch: 1.07, q.arch: 0.1}  # both answer a re-sample: never timed again
+        assert [m.accuracy for m in store.top_models(5)] == [0.99]
