@@ -8,6 +8,8 @@
 #   make bench-early-stop     early stopping on real digits searches + prediction quality + paper-scale simulation (~1 h)
 #   make chaos                kill -9 a digits search 24 times, resume, compare (not in `make test`: ~10 min)
 #   make bench-constraints    digits searches under a parameter budget and the mnas latency reward (~20 min)
+#   make bench-startup        search start-up data checks on a full-size synthetic SVHN, cold page cache (~2 min, 3 GB disk)
+#   make bench-prepare        `prepare` of full-size synthetic SVHN and CIFAR-10, every preprocessing: time, peak RSS (~2 h, 12 GB disk)
 #   make search DATASET=svhn GPUS=0,1 TRAININGS_PER_GPU=4  four small trainings share each GPU
 #   make finish EXP=svhn FINISH_TOP=5     train the models early stopping stopped with the 5 highest predictions to the end
 #   make caffe-gpu            Caffe 1.0 for NVIDIA GPUs in .deps/caffe-gpu (CUDA 13 from PyPI, ~25 min)
@@ -15,6 +17,9 @@
 #   make train DATASET=mnist FROM=experiments/cifar10/export/01_model00042 INIT=finetune   one architecture on one dataset
 #       (or ARCH='[C(64,3,1), SM(10)]', NET=published.prototxt, EXP=name MODEL=N; PROTOCOL=, PROTOCOL_SET=, OUT=)
 #   make transfer EXP=cifar10 TO=cifar100,svhn,mnist   Table 5: the best model on each target, scratch and finetuned
+#   make tensorboard-serve EXP=svhn PORT=6006   TensorBoard on a search, live (README "Watching a search")
+#   make tensorboard EXP=svhn                   write the event files of an experiment made before them (idempotent)
+#   make tensorboard-screens EXP=digits OUT=docs/img   headless-Chromium screenshots of its Scalars and HParams views
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -54,7 +59,8 @@ out_arg = $(if $(OUT),--out $(call q,$(OUT)),)
 both_inits := scratch,finetune
 
 .PHONY: setup venv caffe caffe-gpu caffe-info device-bundle demo search status download data report export finetune ensemble compare regenerate-check arch train transfer \
-        test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop bench-constraints
+        test test-fast lint typecheck py38 bench chaos clean finish bench-early-stop bench-constraints bench-startup bench-prepare \
+        tensorboard tensorboard-viewer tensorboard-serve tensorboard-screens
 
 setup: venv caffe
 
@@ -161,12 +167,27 @@ bench: setup
 	$(PY) bench/bench_trainer_overhead.py
 	$(PY) bench/bench_lmdb.py
 	$(PY) bench/bench_parallel.py
+	$(PY) bench/bench_disk_needs.py
+	$(PY) bench/bench_status_scale.py
 
 # Searching under a budget (issue 22), outside `make bench` (three digits searches, ~20 min on 2 cores):
 # unconstrained, max_params at its 25th percentile, mnas on CPU latency; the comparison is printed.
 BUDGET_OUT ?= build/bench-constraints
 bench-constraints: setup
 	$(PY) bench/bench_constraints.py --out $(call q,$(BUDGET_OUT))
+
+# Start-up integrity checks at paper size (issue 25): writes a 2.9 GB synthetic SVHN folder under
+# STARTUP_OUT, times the checks with a cold page cache (new, all-deep, old), removes the folder.
+STARTUP_OUT ?= build/bench-startup
+bench-startup: setup
+	$(PY) bench/bench_startup_checks.py --out $(call q,$(STARTUP_OUT))
+
+# Data preparation at paper size (issue 25): every preprocessing of full-size synthetic SVHN and
+# CIFAR-10 at PREP_SCALES (fractions), wall time and peak RSS per run (target 8 GB), into PREP_OUT.
+PREP_OUT ?= build/bench-prepare
+PREP_SCALES ?= 0.25,1
+bench-prepare: setup
+	$(PY) bench/bench_prepare_scale.py --out $(call q,$(PREP_OUT)) --scales $(call q,$(PREP_SCALES))
 
 # Crash consistency under SIGKILL (issue 11): slower than the CI suite, so outside `make test`.
 CHAOS_OUT ?= /tmp/metaqnn-chaos
@@ -183,6 +204,31 @@ bench-early-stop: setup
 	  --out $(call q,$(ES_OUT))
 	$(PY) bench/bench_early_stop.py simulate --stores $(foreach s,$(SEEDS),$(call q,$(ES_OUT)/base-s$(s)/store.sqlite)) \
 	  --out $(call q,$(ES_OUT))
+
+# Watching a search in TensorBoard (issue 23).  The search writes the event files itself (tensorboardX,
+# in the dev and `tensorboard` extras); `make tensorboard` writes them for an experiment made before.
+# The viewer lives in a virtualenv of its own, so its protobuf need not be the one Caffe's schema needs.
+TB_VENV ?= .deps/tensorboard-venv
+TENSORBOARD_SPEC ?= tensorboard>=2.12,<3
+PORT ?= 6006
+TB_HOST ?= 127.0.0.1
+tensorboard: venv
+	$(PY) -m metaqnn tensorboard $(exp_or_dataset)
+
+tensorboard-viewer: $(TB_VENV)/.installed
+$(TB_VENV)/.installed:
+	@test -x $(TB_VENV)/bin/python || $(PYTHON) -m venv $(TB_VENV)
+	$(TB_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TB_VENV)/bin/python -m pip install -q $(call q,$(TENSORBOARD_SPEC))
+	@touch $@
+
+tensorboard-serve: venv tensorboard-viewer
+	$(PY) -m metaqnn tensorboard $(exp_or_dataset) --serve --viewer $(TB_VENV)/bin/tensorboard \
+	  --host $(call q,$(TB_HOST)) --port $(call q,$(PORT))
+
+# A real browser on the viewer (not in `make test`: it needs Debian's chromium, `apt-get install chromium`).
+tensorboard-screens: venv tensorboard-viewer
+	PY=$(PY) TB_VENV=$(TB_VENV) scripts/tensorboard-screens.sh $(call q,$(or $(EXP),$(DATASET))) $(call q,$(or $(OUT),docs/img))
 
 clean:
 	rm -rf $(VENV) .deps .pytest_cache .mypy_cache .ruff_cache

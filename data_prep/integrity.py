@@ -1,7 +1,8 @@
 """Is a prepared data folder what it claims to be, and does it fit the config?
 
 ``validate_manifest``      the manifest has the structure ``prepare`` writes (sets, counts, shapes)
-``damaged_sets``           which of its LMDBs are missing, truncated or corrupt (safe on broken files)
+``damaged_sets``           which of its LMDBs are missing, truncated or corrupt (safe on broken files):
+                           the sets a command reads deeply, the others by their meta pages
 ``check_manifest_matches`` the images' channels and size and the class count agree with the config
 ``discard_partial``        remove what an interrupted or failed ``prepare`` left, so nothing looks finished
 """
@@ -11,9 +12,9 @@ import fcntl
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
-from data_prep.lmdb_check import lmdb_file_problem
+from data_prep.lmdb_check import lmdb_meta_problem
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.sources import DataError
 from qagent.errors import ConfigError
@@ -57,19 +58,30 @@ def validate_manifest(manifest: Any, path: Path) -> Dict[str, Any]:
     return manifest
 
 
-def damaged_sets(folder: Path, manifest: Dict[str, Any]) -> List[str]:
-    """One line per set of a (validated) manifest whose LMDB is missing, truncated or corrupt."""
+def damaged_sets(folder: Path, manifest: Dict[str, Any], deep: Optional[Iterable[str]] = None) -> List[str]:
+    """One line per set of a (validated) manifest whose LMDB is missing, truncated or corrupt.
+
+    The sets named in ``deep`` (default: all) get the deep check, every branch and leaf page
+    read (``quick_check_lmdb``: what a command about to read a set for hours needs); the others
+    the cheap one, the meta pages and the root page's header against the file size and the
+    manifest's count and image size (``lmdb_meta_problem``: a few kB, whatever the set's size).
+    A search reads train and val, not the 2.5 GB of SVHN's train_full: it need not walk it.
+    """
     problems = []
     num_classes = manifest.get("num_classes")
+    walk = set(SETS if deep is None else deep)
     for name in SETS:
         s = manifest["sets"][name]
         target = Path(folder) / s["path"]
-        problem = lmdb_file_problem(target)
-        if problem is None:
+        if name in walk:
             try:
                 quick_check_lmdb(target, int(s["count"]), s["shape"], num_classes)
+                problem = None
             except DataError as exc:
                 problem = str(exc).replace(f"{target}: ", "", 1)
+        else:
+            c, h, w = (int(x) for x in s["shape"])
+            problem = lmdb_meta_problem(target, int(s["count"]), c * h * w * (4 if s["dtype"] == "float32" else 1))
         if problem is not None:
             problems.append(f"{target.name}: {problem}")
     return problems

@@ -8,45 +8,88 @@ only when complete, so an interrupted run never leaves an LMDB that looks
 finished.  ``read_lmdb`` checks every record, for corrupt-input errors.
 """
 
+import itertools
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 import numpy as np
 
-from data_prep.lmdb_check import in_child, lmdb_file_problem
+from data_prep.lmdb_check import lmdb_file_problem, lmdb_walk
 from data_prep.sources import DataError
 from metaqnn.caffe.datum import datum_encoder
 from metaqnn.caffe.schema import load_schema
 from qagent.outdir import os_reason
 
+# (images N-C-H-W, labels N): one piece of a set, for writing a set larger than memory in pieces
+Chunk = Tuple[np.ndarray, np.ndarray]
+
 
 def write_lmdb(
-    path: Path, images: np.ndarray, labels: np.ndarray, key_digits: int = 8, commit_every: int = 1000
-) -> None:
+    path: Path,
+    images: Union[np.ndarray, Iterable[Chunk]],
+    labels: Optional[np.ndarray] = None,
+    key_digits: int = 8,
+    commit_every: int = 1000,
+    count: Optional[int] = None,
+) -> int:
+    """Write ``images`` (N-C-H-W with ``labels``, or an iterable of (images, labels) chunks); returns N.
+
+    Chunks let a caller preprocess a paper-size set piece by piece (issue 25): only one chunk
+    and one commit of encoded records are in memory.  Keys count records across chunks, and
+    records are committed every ``commit_every`` whatever the chunk sizes, so the result is the
+    same as for the whole array.  ``count`` (the total, when known) sizes the memory map at
+    once; without it the map grows as records arrive.
+    """
     path = Path(path)
     if path.exists():
         raise DataError(f"{path} already exists (remove it first)")
+    if isinstance(images, np.ndarray):
+        if labels is None:
+            raise TypeError("write_lmdb(path, images, labels): labels are required with an image array")
+        chunks: Iterator[Chunk] = iter([(images, labels)])
+        count = len(images)
+    else:
+        if labels is not None:
+            raise TypeError("write_lmdb(path, chunks): labels come with each chunk")
+        chunks = iter(images)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    n, c, h, w = images.shape
-    is_uint8 = images.dtype == np.uint8
-    per_record = c * h * w * (1 if is_uint8 else 5) + 64
     env = None
+    written = 0
+    per_record = 64
     try:
-        env = lmdb.open(str(tmp), map_size=max(1 << 26, 2 * n * per_record), subdir=True, meminit=False)
+        first = next(chunks, None)
+        shape = tuple(first[0].shape[1:]) if first is not None else (1, 1, 1)
+        if len(shape) != 3:
+            raise ValueError(f"images must be N-C-H-W, got a chunk of shape {first[0].shape if first else ()}")
+        dtype = np.dtype(first[0].dtype) if first is not None else np.dtype(np.uint8)
+        c, h, w = (int(v) for v in shape)
+        per_record = c * h * w * (1 if dtype == np.uint8 else 5) + 64
+        env = lmdb.open(str(tmp), map_size=_map_size(count or 0, per_record), subdir=True, meminit=False)
         fmt = f"%0{key_digits}d"
-        label_list = np.asarray(labels, dtype=np.int64).tolist()
-        keys = [(fmt % i).encode("ascii") for i in range(n)]
-        encode = datum_encoder(c, h, w, images.dtype)
-        flat = images.reshape(n, -1)
-        for start in range(0, n, commit_every):
-            stop = min(n, start + commit_every)
-            batch = [(keys[i], encode(flat[i], label_list[i])) for i in range(start, stop)]
-            with env.begin(write=True) as txn:  # one commit per 1,000 records, like convert_mnist_data
-                txn.cursor().putmulti(batch, append=True)
+        encode = datum_encoder(c, h, w, dtype)
+        batch: List[Tuple[bytes, bytes]] = []
+        for chunk_images, chunk_labels in itertools.chain([first] if first is not None else [], chunks):
+            if tuple(chunk_images.shape[1:]) != shape or chunk_images.dtype != dtype:
+                raise ValueError(f"a chunk of {chunk_images.shape[1:]} {chunk_images.dtype} after {shape} {dtype}")
+            if len(chunk_images) != len(chunk_labels):
+                raise ValueError(f"a chunk of {len(chunk_images)} images with {len(chunk_labels)} labels")
+            flat = chunk_images.reshape(len(chunk_images), -1)
+            for image, label in zip(flat, np.asarray(chunk_labels, dtype=np.int64).tolist()):
+                batch.append(((fmt % written).encode("ascii"), encode(image, label)))
+                written += 1
+                if len(batch) == commit_every:  # one commit per 1,000 records, like convert_mnist_data
+                    _commit(env, batch, per_record)
+                    batch = []
+                    # A fresh message per commit: upb keeps every bytes value assigned to a message
+                    # in the message's arena until the message is freed, 3 KB per 32x32x3 uint8
+                    # record (1.9 GB over SVHN's train_full with one message for the whole set).
+                    encode = datum_encoder(c, h, w, dtype)
+        if batch:
+            _commit(env, batch, per_record)
         env.sync(True)
         env.close()
         os.rename(tmp, path)
@@ -55,8 +98,26 @@ def write_lmdb(
             env.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (lmdb.Error, OSError)):
-            raise DataError(f"cannot write {path}: {_write_failure(path.parent, exc, n * per_record)}") from None
+            needed = max(count or 0, written) * per_record
+            raise DataError(f"cannot write {path}: {_write_failure(path.parent, exc, needed)}") from None
         raise
+    return written
+
+
+def _map_size(records: int, per_record: int) -> int:
+    return max(1 << 26, 2 * records * per_record)
+
+
+def _commit(env: Any, batch: List[Tuple[bytes, bytes]], per_record: int) -> None:
+    """Append ``batch`` in one transaction, growing the memory map when it is full (count unknown)."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                txn.cursor().putmulti(batch, append=True)
+            return
+        except lmdb.MapFullError:  # the transaction was aborted: nothing of the batch is in
+            size = env.info()["map_size"]
+            env.set_mapsize(max(2 * size, size + _map_size(len(batch), per_record)))
 
 
 def _write_failure(folder: Path, exc: BaseException, needed: int) -> str:
@@ -111,17 +172,14 @@ def quick_check_lmdb(
     shape: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
 ) -> None:
-    """Integrity check before a search, safe on a broken LMDB (see :mod:`data_prep.lmdb_check`).
+    """The deep check of a set a command reads, safe on a broken LMDB (see :mod:`data_prep.lmdb_check`).
 
-    The file against its meta pages (truncation), then in a forked child: every
-    leaf page walked, the record count, and the first record a Datum of ``shape``
-    (C, H, W) with a label below ``num_classes``.
+    The file against its meta pages (truncation, entry count), then every branch and leaf page
+    read and checked, never mapped (:func:`~data_prep.lmdb_check.lmdb_walk`: a few MB of a set,
+    not its images), and the first record a Datum of ``shape`` (C, H, W) with a label below
+    ``num_classes``.
     """
-    problem = lmdb_file_problem(path)
-    if problem is not None:
-        raise DataError(f"{path}: {problem}; prepare the data again")
-    datum_cls = load_schema().Datum  # here, not in the child: its errors are not about the data
-    message = in_child(lambda: _quick_check(path, datum_cls, expected_count, shape, num_classes))
+    message = _quick_check(path, load_schema().Datum, expected_count, shape, num_classes)
     if message:
         raise DataError(f"{path}: {message}")
 
@@ -129,22 +187,11 @@ def quick_check_lmdb(
 def _quick_check(
     path: Path, datum_cls: Any, expected_count: int, shape: Optional[Sequence[int]], num_classes: Optional[int]
 ) -> Optional[str]:
+    problem, first = lmdb_walk(path, expected_count)
+    if problem is not None:
+        return problem
     try:
-        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
-        try:
-            with env.begin() as txn:
-                entries = txn.stat()["entries"]
-                cursor = txn.cursor()
-                walked = sum(1 for _ in cursor.iternext(keys=True, values=False))
-                first = next(iter(txn.cursor()), None)
-        finally:
-            env.close()
-    except lmdb.Error as exc:
-        return f"corrupt LMDB ({exc})"
-    if entries != expected_count or walked != expected_count:
-        return f"{walked} records, the manifest says {expected_count}"
-    try:
-        datum = datum_cls.FromString(first[1] if first else b"\xff")
+        datum = datum_cls.FromString(first if first is not None else b"\xff")
     except Exception:
         return "first record is not a valid Datum"
     found = [datum.channels, datum.height, datum.width]

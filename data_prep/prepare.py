@@ -22,14 +22,14 @@ import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from data_prep import preprocess
 from data_prep.integrity import damaged_sets, discard_partial, prepare_lock, remove_path, validate_manifest
 from data_prep.lmdb_writer import write_lmdb
-from data_prep.sources import CIFAR100_CLASSES, DataError, Dataset, Split, read_dataset, shape_of
+from data_prep.sources import CIFAR100_CLASSES, DataError, Dataset, read_dataset
 from data_prep.split import stratified_split
 from qagent.outdir import os_reason, writing_into
 
@@ -145,11 +145,17 @@ def prepare(
     source: Optional[Path] = None,
     log: Callable[[str], None] = print,
     repair: bool = True,
+    chunk_size: int = preprocess.CHUNK_SIZE,
+    deep: Optional[Iterable[str]] = None,
 ) -> Dict[str, Any]:
     """Prepare ``out_dir`` unless it already is; sets found missing or corrupt are rebuilt (``repair``) or refused.
 
+    ``deep``: the sets the caller will read, checked page by page (default: all, for ``metaqnn
+    prepare`` itself); the others by their meta pages only (see ``damaged_sets``).
+
     A complete folder is only read (it may be read-only); writing happens under a lock on
     the folder, so two searches that start at once on fresh data do not write it twice.
+    ``chunk_size`` images are preprocessed at a time (memory, not output: see :func:`build`).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -157,19 +163,19 @@ def prepare(
     with contextlib.suppress(OSError):  # best effort: a complete folder may be read-only
         for stale in remove_stale_temporaries(out_dir):
             log(f"data: removed {stale.name}, left by a killed run")
-    manifest = _prepared(options, out_dir, log, repair)
+    manifest = _prepared(options, out_dir, log, repair, deep)
     if manifest is not None:
         return manifest
     t0 = time.time()
     with writing_into(out_dir, "data folder"), prepare_lock(out_dir, log):  # one line for read-only or full
-        manifest = _prepared(options, out_dir, lambda _m: None, repair)  # another process may have done it
+        manifest = _prepared(options, out_dir, lambda _m: None, repair, deep)  # another process may have done it
         if manifest is not None:
             return manifest
         try:
             data = read_dataset(options.dataset, source, options.seed, options.labels)
             if (out_dir / MANIFEST).exists():
                 (out_dir / MANIFEST).unlink()  # damaged: incomplete until the rebuild writes it again
-            manifest = build(data, options, out_dir, log)
+            manifest = build(data, options, out_dir, log, chunk_size)
         except BaseException:
             discard_partial(out_dir)
             raise
@@ -178,7 +184,7 @@ def prepare(
 
 
 def _prepared(
-    options: PrepOptions, out_dir: Path, log: Callable[[str], None], repair: bool
+    options: PrepOptions, out_dir: Path, log: Callable[[str], None], repair: bool, deep: Optional[Iterable[str]] = None
 ) -> Optional[Dict[str, Any]]:
     """The manifest if ``out_dir`` is complete and sound, None if it must be (re)built; refuses other options."""
     existing = read_manifest(out_dir)
@@ -192,7 +198,7 @@ def _prepared(
             f"{out_dir} was prepared with {existing.get('options')}, not {asdict(options)}; "
             "use another --data-dir or delete it"
         )
-    damaged = damaged_sets(out_dir, existing)
+    damaged = damaged_sets(out_dir, existing, deep)
     if not damaged:
         log(f"data: {out_dir} already prepared with these options")
         return existing
@@ -202,33 +208,75 @@ def _prepared(
     return None
 
 
-def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class Rows:
+    """One set to write, as pieces of the release arrays: (images, row indices or None for all).
+
+    Nothing is copied until it is written: a set is read chunk by chunk, each chunk a fancy-index
+    or slice copy of at most ``chunk_size`` images (issue 25).  SVHN's train_full is its train and
+    extra arrays one after the other, not their 1.9 GB concatenation.
+    """
+
+    parts: Tuple[Tuple[np.ndarray, Optional[np.ndarray]], ...]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of the set's images; every part must have it (SVHN's train and extra do)."""
+        shapes = {tuple(int(v) for v in images.shape[1:]) for images, _ in self.parts}
+        if len(shapes) != 1:
+            raise DataError(f"the parts of one set have images of different shapes: {sorted(shapes)}")
+        c, h, w = shapes.pop()
+        return c, h, w
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        for images, rows in self.parts:
+            yield from preprocess.iter_chunks(images, size, rows)
+
+
+def build(
+    data: Dataset,
+    options: PrepOptions,
+    out_dir: Path,
+    log: Callable[[str], None],
+    chunk_size: int = preprocess.CHUNK_SIZE,
+) -> Dict[str, Any]:
+    """Write the four sets and the manifest, ``chunk_size`` images at a time (statistics in one pass).
+
+    The output does not depend on ``chunk_size`` except in the last bits of ZCA's float32
+    values (BLAS may round a product differently for a few-row tail chunk): docs/deviations.md.
+    """
     full = data.sets["train"]
+    full_parts: List[Tuple[np.ndarray, Optional[np.ndarray]]] = [(full.images, None)]
+    full_labels = full.labels
     if "extra" in data.sets:
         extra = data.sets["extra"]
-        full_for_finetune = Split(
-            np.concatenate([full.images, extra.images]), np.concatenate([full.labels, extra.labels])
-        )
-    else:
-        full_for_finetune = full
+        full_parts.append((extra.images, None))
+        full_labels = np.concatenate([full.labels, extra.labels])
     if options.validation_size >= len(full.labels):
         raise DataError(f"validation size {options.validation_size} >= training set size {len(full.labels)}")
     rest, val = stratified_split(full.labels, options.validation_size, options.seed)
     order = np.random.Generator(np.random.PCG64(options.seed + 1)).permutation(rest)
-    explore = Split(full.images[order], full.labels[order])
-    valid = Split(full.images[val], full.labels[val])
+    explore = Rows(((full.images, order),), full.labels[order])
+    valid = Rows(((full.images, val),), full.labels[val])
+    finetune = Rows(tuple(full_parts), full_labels)
+    test = data.sets["test"]
 
-    transform = preprocess.fit(options.preprocess, explore.images)
+    # The statistics are exact sums (preprocess.PixelStats), independent of the order of the
+    # images: the exploration set is read in release order (``rest`` is sorted), for locality.
+    transform = preprocess.fit(options.preprocess, Rows(((full.images, rest),), full.labels[rest]).chunks(chunk_size))
     transform_full = (
-        preprocess.fit(options.preprocess, full_for_finetune.images)
+        preprocess.fit(options.preprocess, finetune.chunks(chunk_size))
         if options.preprocess in ("mean", "zca")
         else transform
     )
     sets = {
         "train": (explore, transform),
         "val": (valid, transform),
-        "train_full": (full_for_finetune, transform_full),
-        "test": (data.sets["test"], transform_full),
+        "train_full": (finetune, transform_full),
+        "test": (Rows(((test.images, None),), test.labels), transform_full),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: Dict[str, Any] = {
@@ -240,21 +288,47 @@ def build(data: Dataset, options: PrepOptions, out_dir: Path, log: Callable[[str
         "padded_sets": list(PADDED_SETS) if options.pad else [],
         "sets": {},
     }
+    dtype = preprocess.output_dtype(options.preprocess)
     for name, (split, fn) in sets.items():
         target = out_dir / f"{name}.lmdb"
         remove_path(target)  # a previous run died before writing the manifest, or the set is damaged
-        images = preprocess.pad(fn(split.images), options.pad if name in PADDED_SETS else 0)
-        log(f"data: writing {target.name}: {len(split.labels)} images {images.shape[1:]} {images.dtype}")
-        write_lmdb(target, images, split.labels, key_digits=KEY_DIGITS.get(data.name, 8))
-        c, h, w = shape_of(Split(images, split.labels))
+        pixels = options.pad if name in PADDED_SETS else 0
+        c, h, w = split.image_shape()
+        shape = (c, h + 2 * pixels, w + 2 * pixels)
+        log(f"data: writing {target.name}: {len(split)} images {shape} {dtype}")
+        written = write_lmdb(
+            target,
+            _processed(split, fn, pixels, chunk_size, shape, dtype),
+            key_digits=KEY_DIGITS.get(data.name, 8),
+            count=len(split),
+        )
+        assert written == len(split), (name, written, len(split))
         manifest["sets"][name] = {
             "path": target.name,
-            "count": len(split.labels),
-            "shape": [c, h, w],
-            "dtype": str(images.dtype),
+            "count": len(split),
+            "shape": list(shape),
+            "dtype": str(dtype),
             "class_counts": _class_counts(split.labels, data.num_classes),
         }
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tmp.rename(out_dir / MANIFEST)  # the manifest appears last: its presence means "complete"
     return manifest
+
+
+def _processed(
+    split: Rows,
+    fn: preprocess.Transform,
+    pixels: int,
+    chunk_size: int,
+    shape: Tuple[int, int, int],
+    dtype: np.dtype,
+) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) chunks of ``split``, transformed then padded, as write_lmdb takes them."""
+    start = 0
+    for chunk in split.chunks(chunk_size):
+        images = preprocess.pad(fn(chunk), pixels)
+        if images.shape[1:] != shape or images.dtype != dtype:  # what the manifest will say
+            raise AssertionError(f"preprocessing made {images.shape[1:]} {images.dtype}, not {shape} {dtype}")
+        yield images, split.labels[start : start + len(chunk)]
+        start += len(chunk)

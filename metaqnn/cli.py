@@ -180,6 +180,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from metaqnn.experiment import STORE_NAME, experiment_config
     from metaqnn.search import format_summary, summary
+    from metaqnn.snapshot_policy import disk_usage, read_policy
     from qagent.status import ModelStatus
     from qagent.store import ExperimentStore
 
@@ -202,6 +203,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if rejected:
             print(f"rejected over constraints.max_latency_ms, never trained (not counted above): {len(rejected)}")
         print(format_summary(summary(store)))
+        models = store.models()
+    for line in disk_usage(exp, models).lines(schedule.total - done, read_policy(exp) or cfg.snapshots):
+        print(line)
     return 0
 
 
@@ -317,6 +321,25 @@ def cmd_arch(args: argparse.Namespace) -> int:
     from metaqnn.compare import architecture_of_net
 
     print(architecture_of_net(_out_arg(args.file, "arch")))
+    return 0
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    """Write what an experiment's TensorBoard event files lack (idempotent); with --serve, then start the viewer."""
+    from metaqnn.monitor import MonitorError, viewer_argv, write_events
+
+    exp = _exp_dir(args, "digits")
+    try:
+        done = write_events(exp)
+        print(f"tensorboard: {exp / 'tensorboard'}: {done['points']} new points, {done['models']} models complete")
+    except MonitorError as exc:
+        if not args.serve:
+            raise
+        print(f"tensorboard: {exc}; serving what is there")
+    if args.serve:
+        argv = viewer_argv(exp, args.viewer, args.host, args.port)
+        print("tensorboard: " + " ".join(argv), flush=True)
+        os.execv(argv[0], argv)
     return 0
 
 
@@ -636,6 +659,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a value of every target's preset",
     )
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help="the seed Caffe's seeds derive from")
+
+    p = add("tensorboard", cmd_tensorboard, "write an experiment's TensorBoard event files from its store (idempotent)")
+    p.add_argument("--exp", help="experiment name or path")
+    p.add_argument("--serve", action="store_true", help="then start the TensorBoard viewer on them")
+    p.add_argument(
+        "--viewer", default=None, help="the tensorboard program (default .deps/tensorboard-venv/bin/tensorboard)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="the viewer's address (default 127.0.0.1: reach it over ssh -L)")
+    p.add_argument("--port", type=POSITIVE_INT, default=6006, help="the viewer's port (default 6006)")
 
     p = add("report", cmd_report, "figures (Fig. 3, A2, A3, A4) and a markdown page for an experiment")
     p.add_argument("--exp", help="experiment name or path")

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Ty
 from metaqnn.constraints import ConstraintsConfig
 from metaqnn.early_stop.rules import EarlyStopConfig
 from metaqnn.resources import asset_dir, workspace
+from metaqnn.snapshot_policy import SnapshotPolicy
 from qagent.agent import AgentConfig
 from qagent.errors import ConfigError, quote
 from qagent.schedule import EpsilonSchedule
@@ -39,7 +40,21 @@ else:  # pragma: no cover - exercised on the users' Python 3.8 conda Caffe
 PROJECT_ROOT = workspace()  # data/, experiments/ and .deps/ live here
 PRESETS_DIR = asset_dir("presets")
 SOLVERS_DIR = asset_dir("solvers")
-SECTIONS = ("dataset", "space", "schedule", "agent", "render", "protocol", "early_stop", "constraints")
+SECTIONS = (
+    "dataset",
+    "space",
+    "schedule",
+    "agent",
+    "render",
+    "protocol",
+    "early_stop",
+    "constraints",
+    "snapshots",
+    "tensorboard",
+)
+# Settings of how a run keeps its disk, not of what it searches: they may change when a search is
+# resumed, so Config.to_dict (what the store records and compares) leaves them out.
+OPERATIONAL_SECTIONS = ("snapshots", "tensorboard")
 PREPROCESS = ("none", "mean", "gcn", "lcn", "zca")
 
 # Optional fields whose None is spelt as a word in the files (TOML has no null):
@@ -53,6 +68,7 @@ NONE_WORDS: Dict[Tuple[str, str], str] = {
     ("constraints", "max_macs"): "unlimited",
     ("constraints", "max_latency_ms"): "unlimited",
     ("constraints", "target"): "none",
+    ("snapshots", "budget_gb"): "unlimited",
 }
 
 T = TypeVar("T")
@@ -157,6 +173,25 @@ class ProtocolChoice:
 
 
 @dataclass(frozen=True)
+class TensorboardConfig:
+    """Event files for TensorBoard under ``<experiment>/tensorboard/`` (README "Watching a search").
+
+    Written by the search's own process when tensorboardX is installed (the ``tensorboard`` extra);
+    without it the search runs unchanged and says once how to turn them on.  ``flush_seconds``
+    bounds how long a new point waits before it reaches the file, and how often the logs of the
+    models in flight are read for their live curves."""
+
+    enabled: bool = True
+    flush_seconds: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.flush_seconds <= 120.0:
+            raise ConfigError(
+                f"tensorboard.flush_seconds must be between 1 and 120 seconds, got {self.flush_seconds:g}"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     dataset: DatasetConfig
     space: SpaceConfig
@@ -166,6 +201,8 @@ class Config:
     protocol: ProtocolChoice
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    snapshots: SnapshotPolicy = field(default_factory=SnapshotPolicy)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
 
     def __post_init__(self) -> None:
         self.early_stop.check_epochs(self.protocol.load("search").epochs)
@@ -181,7 +218,7 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         """The canonical, JSON-able form: what the store records and compares on resume."""
-        return {s: _section_to_dict(s, getattr(self, s)) for s in SECTIONS}
+        return {s: _section_to_dict(s, getattr(self, s)) for s in SECTIONS if s not in OPERATIONAL_SECTIONS}
 
 
 # --- strict conversion of TOML values to field types -------------------------------------
@@ -410,6 +447,8 @@ def config_from_dict(tables: Mapping[str, Any], name: Optional[str] = None) -> C
         protocol=build_section(ProtocolChoice, t["protocol"], "protocol"),
         early_stop=build_section(EarlyStopConfig, t["early_stop"], "early_stop"),
         constraints=build_section(ConstraintsConfig, t["constraints"], "constraints"),
+        snapshots=build_section(SnapshotPolicy, t["snapshots"], "snapshots"),
+        tensorboard=build_section(TensorboardConfig, t["tensorboard"], "tensorboard"),
     )
 
 

@@ -34,6 +34,7 @@ from metaqnn.experiment import (
 )
 from metaqnn.netspec import build_net
 from metaqnn.render import render_net, render_solver
+from metaqnn.snapshot_policy import why_dropped
 from metaqnn.solverspec import Protocol, solver_fields
 from metaqnn.weights import WeightsError, caffemodel_to_hdf5
 from qagent.arch import Layer, format_architecture, parse_architecture
@@ -242,6 +243,9 @@ def kept_weights(model_dir: Path, best_iteration: Optional[int], check: Optional
     pattern = f"*_iter_{int(best_iteration)}.caffemodel"
     found = sorted((model_dir / "snapshots").glob(pattern))
     if not found:
+        why = why_dropped(model_dir, "snapshots/" + pattern)
+        if why is not None:
+            return Weights(None, f"its best weights were deleted by the snapshot policy ({why})")
         return Weights(None, f"snapshot file missing: {model_dir / 'snapshots'}/{pattern}")
     return Weights(found[0])
 

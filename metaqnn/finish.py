@@ -18,6 +18,7 @@ from metaqnn.config import upgrade_record
 from metaqnn.constraints import Scorer
 from metaqnn.experiment import STORE_NAME, experiment_config, experiment_data_dir, experiment_id, model_dir
 from metaqnn.search import JobPlaces, build_job
+from metaqnn.snapshot_policy import why_dropped
 from metaqnn.trainer import Trainer, snapshot_files
 from qagent.arch import parse_architecture
 from qagent.errors import ConfigError, MetaQNNError
@@ -79,9 +80,15 @@ def _kept_snapshot_problem(folder: Path) -> Optional[str]:
     it = data.get("resume_iteration")
     if it is None:
         return f"{folder / 'result.json'} names no snapshot to finish it from"
-    present = {p.suffix for p in snapshot_files(folder / "snapshots").get(int(it), [])}
+    present = {p.suffix: p for p in snapshot_files(folder / "snapshots").get(int(it), [])}
     for suffix in (".caffemodel", ".solverstate"):
         if suffix not in present:
+            why = why_dropped(folder, f"snapshots/*_iter_{int(it)}{suffix}")
+            if why is not None:
+                return (
+                    f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}{suffix} was deleted by the snapshot "
+                    f"policy ({why}); `metaqnn train --exp <E> --model <N>` trains it again from the start"
+                )
             return f"its kept snapshot {folder / 'snapshots'}/*_iter_{int(it)}{suffix} is missing"
     return None
 

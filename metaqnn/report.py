@@ -1,6 +1,7 @@
 """The paper's figures for one experiment, read from its store (works while the search runs).
 
 fig3_rolling_accuracy.png   Figure 3: rolling mean accuracy over iterations, bars = mean per epsilon
+fig3_rolling_accuracy.csv   its values: iteration, epsilon, accuracy, rolling mean (the TensorBoard curve's)
 figA2_accuracy_by_eps.png   Figure A2: accuracy distribution per epsilon, first vs last epsilon
 figA3_q_by_layer_type.png   Figure A3: average Q-value per layer type against layer depth
 figA4_q_by_receptive.png    Figure A4: average Q-value per conv receptive field against depth
@@ -10,6 +11,7 @@ report.md                   the figures, the per-epsilon table and the top model
                             `metaqnn transfer` wrote one under <exp>/transfer)
 """
 
+import csv
 import json
 from array import array
 from collections import defaultdict
@@ -50,9 +52,29 @@ def _samples(store: ExperimentStore) -> List[Tuple[int, float, float]]:
     return [(r["iteration"], r["epsilon"], r["reward"]) for r in store.samples() if r["reward"] is not None]
 
 
-def figure3(samples: List[Tuple[int, float, float]], out: Path) -> Dict[float, float]:
+def figure3_window(schedule_total: int) -> int:
+    """Figure 3's rolling window: a tenth of the schedule's models, 5 to 100 (the paper-scale
+    schedules' 2,700 models: 100).  A function of the schedule, not of the samples found, so the
+    live TensorBoard curve (metaqnn.monitor) and every report of an experiment draw the same one."""
+    return min(100, max(5, int(schedule_total) // 10))
+
+
+def figure3_curve(samples: List[Tuple[int, float, float]], window: int) -> List[Tuple[int, float]]:
+    """(iteration, rolling mean accuracy): the line of Figure 3."""
+    return list(zip([s[0] for s in samples], _rolling([s[2] for s in samples], window)))
+
+
+def write_figure3_values(samples: List[Tuple[int, float, float]], window: int, out: Path) -> None:
+    """The figure's numbers beside it, for a reader (or a test) that wants values, not pixels."""
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["iteration", "epsilon", "accuracy", f"rolling_mean_{window}"])
+        for (it, eps, r), (_it, mean) in zip(samples, figure3_curve(samples, window)):
+            w.writerow([it, eps, repr(float(r)), repr(float(mean))])
+
+
+def figure3(samples: List[Tuple[int, float, float]], out: Path, window: int) -> Dict[float, float]:
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    window = min(100, max(5, len(samples) // 10))
     means: Dict[float, float] = {}
     spans: Dict[float, List[int]] = defaultdict(list)
     for it, eps, _r in samples:
@@ -76,9 +98,10 @@ def figure3(samples: List[Tuple[int, float, float]], out: Path) -> Dict[float, f
             va="bottom",
             fontsize=7,
         )
+    curve = figure3_curve(samples, window)
     ax.plot(
-        [s[0] for s in samples],
-        _rolling([s[2] for s in samples], window),
+        [c[0] for c in curve],
+        [c[1] for c in curve],
         color="#1f5fa8",
         lw=1.5,
         label=f"rolling mean over {window} models",
@@ -166,7 +189,9 @@ def write_report(exp_dir: Path, out: Path, rank_by: str = "accuracy") -> Path:
         if not samples:
             raise StoreError(f"experiment {exp_dir} has no results yet")
         cfg = experiment_config(store)
-        means = figure3(samples, out / "fig3_rolling_accuracy.png")
+        window = figure3_window(cfg.schedule.total)
+        means = figure3(samples, out / "fig3_rolling_accuracy.png", window)
+        write_figure3_values(samples, window, out / "fig3_rolling_accuracy.csv")
         figure_a2(samples, out / "figA2_accuracy_by_eps.png")
         by_type, by_field = q_averages(store)
         _lines(by_type, out / "figA3_q_by_layer_type.png", "average Q-value per layer type (Figure A3)", "")

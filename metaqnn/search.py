@@ -12,10 +12,9 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from data_prep.integrity import check_manifest_matches
-from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import PrepOptions, prepare
 from metaqnn import faults
 from metaqnn.caffe import runner
@@ -37,7 +36,9 @@ from metaqnn.experiment import (
     source_or_default,
 )
 from metaqnn.failures import BreakerTripped, CircuitBreaker, InfrastructureError, is_disk_full
+from metaqnn.monitor import start_monitor
 from metaqnn.preflight import check_caffe_runs, check_caffe_trains
+from metaqnn.snapshot_policy import apply_policy, write_policy
 from metaqnn.solverspec import Protocol
 from metaqnn.trainer import Trainer, TrainJob, TrainResult, caffe_seed
 from qagent.agent import Agent, Proposal
@@ -102,14 +103,19 @@ def ensure_data(config: Config, data_dir: Path, source: Optional[Path], log: Cal
     """Prepare the data if missing; check the exploration LMDBs before hours of training depend on them.
 
     Damaged data is refused, not rebuilt under an experiment; data that does not fit the config
-    (image size, channels, classes) is refused before any model is sampled.
+    (image size, channels, classes) is refused before any model is sampled.  train and val, which
+    the search reads, are walked page by page, once; train_full and test, which it does not, by
+    their meta pages (walking SVHN's 2.5 GB train_full was most of a cold start-up).
     """
     manifest = prepare(
-        prep_options(config), data_dir, source, lambda msg: None if "already" in msg else log(msg), repair=False
+        prep_options(config),
+        data_dir,
+        source,
+        lambda msg: None if "already" in msg else log(msg),
+        repair=False,
+        deep=("train", "val"),
     )
     check_data_fits(config, manifest, data_dir)
-    for name in ("train", "val"):
-        quick_check_lmdb(data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
     return manifest
 
 
@@ -313,13 +319,26 @@ def _search_in_store(
             f"{executor.slots} at a time | {len(agent.rewards)} models already trained"
         )
         breaker = CircuitBreaker(options.max_same_failures)
+        monitor = start_monitor(options.exp_dir, config, log)  # event files for TensorBoard (metaqnn.monitor)
         try:
             scorer = Scorer(config.constraints, space.image_size, config.dataset.channels, space.num_classes)
-            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker, rules, scorer)
+            policy = config.snapshots
+            write_policy(options.exp_dir, policy)
+
+            def keep_disk() -> None:
+                try:
+                    apply_policy(options.exp_dir, store.models(), policy, progress.event)
+                except OSError as exc:  # nothing is lost by keeping a file: said, retried after the next commit
+                    progress.event(f"snapshots: the policy could not delete a file ({exc}); kept for now")
+
+            keep_disk()  # the policy may have changed since the last run
+            hooks = [keep_disk, monitor.poke]
+            search_loop(agent, store, executor, make_job, progress, options.max_models, breaker, rules, scorer, hooks)
         except BaseException:
             runner.stop_all()  # trainings still in flight stay "running" in the store: resumed next time
             raise
         finally:
+            monitor.close()  # the last pass: every committed model gets its final points and session
             if executor is not ray_executor:
                 executor.close()  # the Ray executor is closed by run_search
             runner.allow_runs()
@@ -392,6 +411,7 @@ def search_loop(
     breaker: Optional[CircuitBreaker] = None,
     rules: Optional[RuleSource] = None,
     scorer: Optional[Scorer] = None,
+    after_commit: Sequence[Callable[[], None]] = (),
 ) -> int:
     """Algorithm 1 over a store with up to ``executor.slots`` models in flight.
 
@@ -399,9 +419,12 @@ def search_loop(
     loop can be killed anywhere: models that were in flight are resumed (their snapshots, the
     RNG state that followed them), everything committed stays committed.  An architecture that
     is sampled while a copy of it is training is not sent out again: the sample waits for that
-    result and then counts as a duplicate.  Returns the number of models sent out.
+    result and then counts as a duplicate.  ``after_commit``: called after each durable commit (the
+    snapshot policy), on the loop's thread.  Returns the number of models sent out.
     """
-    return _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker, rules, scorer).run()
+    loop = _SearchLoop(agent, store, executor, make_job, progress, max_models, breaker, rules, scorer)
+    loop.after_commit = list(after_commit)
+    return loop.run()
 
 
 class _SearchLoop:
@@ -428,6 +451,7 @@ class _SearchLoop:
         self.waiting: Dict[str, List[Proposal]] = {}  # arch in flight -> later samples of it
         self.deferred: Set[str] = set()  # set aside in this run (no reward): a re-sample teaches nothing
         self.sent = 0
+        self.after_commit: List[Callable[[], None]] = []
 
     def run(self) -> int:
         self.resume_running()
@@ -441,6 +465,8 @@ class _SearchLoop:
                     raise as_infrastructure(outcome, model_id)  # the model stays "running": retried on resume
                 self.commit(p, outcome, model_id)
                 self.answer_waiting(arch)
+                for hook in self.after_commit:
+                    hook()
 
     def resume_running(self) -> None:
         """Models that were in flight when the search stopped, then those set aside without a reward,
@@ -449,6 +475,7 @@ class _SearchLoop:
             what = "resuming" if row.status == ModelStatus.RUNNING else "training again (set aside before)"
             self.progress.event(f"#{row.id} {what} {row.arch}")
             encoded = self.agent.encode(row.arch)
+            self.store.count_attempt(row.id)
             self.launch(Proposal(row.arch, parse_architecture(row.arch), row.epsilon, encoded, None), row.id)
 
     def fill_slots(self) -> None:

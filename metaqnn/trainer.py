@@ -258,10 +258,11 @@ def prune_by_history(folder: Path, facts: SnapshotFacts, keep: Iterable[int] = (
                 p.unlink(missing_ok=True)
 
 
-def final_prune(folder: Path, best_iteration: int, resume_iteration: Optional[int] = None) -> None:
+def final_prune(folder: Path, best_iteration: Optional[int], resume_iteration: Optional[int] = None) -> None:
     """A finished model keeps only its best weights, a model stopped early also the snapshot to
-    finish it from (idempotent: redone when a result is recovered)."""
-    kept = {best_iteration, resume_iteration}
+    finish it from, a model with no best iteration (it failed in the probe, or was never trained)
+    nothing at all (idempotent: redone when a result is recovered)."""
+    kept = {best_iteration, resume_iteration} - {None}
     doomed = [p for it, paths in snapshot_files(folder).items() for p in paths if it not in kept]
     doomed += [p for p in folder.glob("*.solverstate") if p not in doomed and _iter_in(p) != resume_iteration]
     for n, p in enumerate(doomed):
@@ -604,8 +605,7 @@ class Trainer:
         known = set(TrainResult.__dataclass_fields__)
         result = TrainResult(**{k: v for k, v in data.items() if k in known})
         result.curve = [(int(it), float(acc)) for it, acc in result.curve]
-        if result.best_iteration is not None:
-            final_prune(self.snap_dir, result.best_iteration, result.resume_iteration)
+        final_prune(self.snap_dir, result.best_iteration, result.resume_iteration)
         return result
 
     def train(self) -> TrainResult:
@@ -710,7 +710,7 @@ class Trainer:
         record = {"architecture": format_architecture(self.job.layers), "identity": self.identity, **result.metrics()}
         write_atomic(self.dir / "result.json", json.dumps(record, indent=1))
         faults.point("result-written")
-        if result.best_iteration is not None:  # a finished model keeps only its best weights
+        if result.status in _RESULT_STATUSES:  # a deferred model is trained again from its snapshots
             final_prune(self.snap_dir, result.best_iteration, result.resume_iteration)
         faults.point("pruned")
 

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from data_prep.lmdb_writer import quick_check_lmdb
 from data_prep.prepare import prepare
@@ -50,7 +50,11 @@ class Target:
 
 
 def prepared(target: Target, log: Callable[[str], None]) -> Dict[str, Any]:
-    """The target's manifest, preparing the data when it is missing (as a search does); checked to fit."""
+    """The target's manifest, preparing the data when it is missing (as a search does); checked to fit.
+
+    Every set is checked by its meta pages only: which two sets are read (walked by
+    :func:`plan_for`) depends on the protocol, which is planned from this manifest.
+    """
     from metaqnn.search import check_data_fits, prep_options
 
     manifest = prepare(
@@ -59,6 +63,7 @@ def prepared(target: Target, log: Callable[[str], None]) -> Dict[str, Any]:
         target.source_dir,
         lambda msg: None if "already" in msg else log(msg),
         repair=False,
+        deep=(),
     )
     check_data_fits(target.config, manifest, target.data_dir)
     return manifest
@@ -71,11 +76,21 @@ def plan_for(
     protocol: Optional[str],
     overrides: Optional[Dict[str, Any]],
     log: Callable[[str], None],
+    walked: Optional[Set[Path]] = None,
 ) -> TrainPlan:
+    """The plan of one cell; the two sets it reads (train_full and test, by default) walked page by page.
+
+    ``walked``: the sets already walked by this command (a transfer plans a target twice), not walked again.
+    """
     manifest = prepared(target, log)
     plan = plan_training(source, target.config, target.data_dir, manifest, init, protocol, overrides)
     for name in (plan.protocol.train_set, plan.protocol.test_set):
-        quick_check_lmdb(target.data_dir / manifest["sets"][name]["path"], int(manifest["sets"][name]["count"]))
+        s = manifest["sets"][name]
+        path = Path(os.path.abspath(target.data_dir / s["path"]))
+        if walked is None or path not in walked:
+            quick_check_lmdb(path, int(s["count"]), s["shape"], manifest.get("num_classes"))
+            if walked is not None:
+                walked.add(path)
     return plan
 
 
@@ -144,7 +159,8 @@ def transfer(
     for target, init, out in cells:  # refuse before anything trains: first what needs no data,
         refuse_early(source, target, init, out, None, overrides)
     caffe = _caffe(gpu)
-    plans = [(out, plan_for(source, target, init, None, overrides, log)) for target, init, out in cells]  # then data
+    walked: Set[Path] = set()  # then data, each set walked once
+    plans = [(out, plan_for(source, target, init, None, overrides, log, walked)) for target, init, out in cells]
     results: Dict[str, Dict[str, Any]] = {}
     for out, plan in plans:
         for line in describe_plan(plan):

@@ -761,6 +761,15 @@ class ExperimentStore:
             )
             self._write_rng(agent)
 
+    @_guarded
+    def count_attempt(self, model_id: int) -> None:
+        """A model that goes out again (resumed after a stop, or retried after being set aside) is
+        one more attempt: ``attempts`` counts every time a training of it started."""
+        with self.conn:
+            self.conn.execute(
+                "UPDATE models SET attempts = attempts + 1, started = ? WHERE id = ?", (time.time(), int(model_id))
+            )
+
     def resumable(self) -> List[ModelRow]:
         """Models to train first when a search starts: those in flight when it stopped, then those set aside."""
         return self.models(ModelStatus.RUNNING) + self.models(ModelStatus.DEFERRED)

@@ -129,6 +129,15 @@ def test_the_reward_of_a_stopped_model_is_the_prediction_never_below_what_it_rea
     assert rule(0.28).decide([0.5, 0.7], info()) is None
 
 
+def test_a_prediction_above_one_is_rewarded_as_accuracy_one():
+    """A small delta stops models predicted above the target; an SVR's mean may then pass 1
+    (seen in the Ray test's search: 1.09, 1.16), a reward the store rightly refuses as damaged."""
+    predictor = Predictor({2: CheckpointModel(2, Constant(0.4), 0.5, 10)}, "nu_svr", "gain")
+    decision = PredictorRule(predictor, 0.95, 0.1, (2,)).decide([0.8, 0.9], info())
+    assert decision is not None and decision.predicted == 1.0  # 0.9 + 0.4, capped
+    assert decision.probability == pytest.approx(0.7580, abs=1e-3)  # P(z > -0.7): decided on its own mean
+
+
 def test_delta_one_never_stops():
     rule = svr_rule(delta=1.0)
     for final in (0.05, 0.2, 0.3, 0.6, 0.99):

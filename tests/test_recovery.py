@@ -157,7 +157,7 @@ def test_a_caffe_killed_by_a_signal_is_set_aside_and_trained_again_by_a_healthy_
     out = search(exp, data, "--seed", "7", env={"CAFFE_BIN": str(wrapper)})
     assert "SET ASIDE" in out.stdout and "signal 11 in all 3 attempts" in out.stdout
     models = models_of(exp)
-    assert models[2].status == ModelStatus.DEFERRED and models[2].reward is None
+    assert models[2].status == ModelStatus.DEFERRED and models[2].reward is None and models[2].attempts == 1
     assert len([p for p in (exp / "models" / "00002").glob("probe0*.log")]) == 3  # the run and 2 retries
     with ExperimentStore.open_readonly(exp / "store.sqlite") as store:
         assert models[2].arch not in {s["arch"] for s in store.samples()}
@@ -169,6 +169,7 @@ def test_a_caffe_killed_by_a_signal_is_set_aside_and_trained_again_by_a_healthy_
     healed = models_of(exp)[2]
     assert healed.status in (ModelStatus.DONE, ModelStatus.FAILED) and healed.reward is not None
     assert healed.metrics["caffe_time"] > 0  # trained by the healthy caffe, not recovered
+    assert healed.attempts == 2  # issue 25: the run that trained it again counts
 
 
 def test_failures_the_breaker_blames_are_not_kept_and_are_trained_by_the_next_run(digits_data, tmp_path, caffe):

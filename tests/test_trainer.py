@@ -63,6 +63,21 @@ def test_never_learning_is_a_failure_after_the_last_restart(digits_data, tmp_pat
     assert result.status == "failed" and result.failure in ("no_learning", "diverged") and result.restarts == 1
 
 
+def test_a_probe_failure_leaves_no_snapshot_behind(digits_data, tmp_path):
+    """Issue 25: a model that fails in the probe has no best iteration; it keeps no weights either."""
+    job = make_job(digits_data, tmp_path, restarts=Restarts(max_restarts=1, pass_threshold=0.999))
+    result = Trainer(job).train()
+    model = tmp_path / "model"
+    assert result.status == "failed" and result.failure == "no_learning" and result.best_iteration is None
+    assert (
+        "Snapshotting solver state to binary proto file snapshots/model_iter_37" in (model / "probe1.log").read_text()
+    )
+    assert list((model / "snapshots").iterdir()) == [] and not list(model.rglob("*.solverstate"))
+    (model / "snapshots" / "model_iter_37.caffemodel").write_bytes(b"left by a kill before the pruning")
+    assert Trainer(job).train().status == "failed"  # recovered from result.json, and pruned again
+    assert list((model / "snapshots").iterdir()) == []
+
+
 def test_divergence_stops_caffe(digits_data, tmp_path):
     job = make_job(
         digits_data, tmp_path, type="SGD", base_lr=1000.0, momentum2=None, delta=None, restarts=Restarts(max_restarts=0)

@@ -102,7 +102,8 @@ class PredictorRule:
             predicted = max(mean, max(curve[:epoch]))
             probability = _normal_sf((self.target - predicted) / sigma)
             if probability < 1.0 - self.delta:
-                return StopDecision(epoch, predicted, probability, self.target, self.name)
+                # the reward is an accuracy: a regressor's mean may pass 1 (a small delta stops such models)
+                return StopDecision(epoch, min(1.0, predicted), probability, self.target, self.name)
         return None
 
 
