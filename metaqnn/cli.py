@@ -180,7 +180,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from metaqnn.experiment import STORE_NAME, experiment_config
     from metaqnn.search import format_summary, summary
-    from metaqnn.snapshot_policy import disk_usage, read_policy
+    from metaqnn.snapshot_policy import UnreadablePolicy, disk_usage, read_policy
     from qagent.status import ModelStatus
     from qagent.store import ExperimentStore
 
@@ -204,7 +204,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"rejected over constraints.max_latency_ms, never trained (not counted above): {len(rejected)}")
         print(format_summary(summary(store)))
         models = store.models()
-    for line in disk_usage(exp, models).lines(schedule.total - done, read_policy(exp) or cfg.snapshots):
+    try:
+        policy, note = read_policy(exp), ""
+        if policy is None:  # no search of this version ran on it: the config's (default) policy
+            policy = cfg.snapshots
+    except UnreadablePolicy as exc:
+        policy, note = None, f"the policy the last search applied is unknown: {exc}"
+    for line in disk_usage(exp, models).lines(schedule.total - done, policy, note):
         print(line)
     return 0
 

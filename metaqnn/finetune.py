@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from google.protobuf import text_format
 
-from data_prep.lmdb_writer import iter_lmdb
+from data_prep.lmdb_writer import iter_lmdb, quick_check_lmdb
+from data_prep.prepare import read_manifest
 from metaqnn.caffe.gpu import ensure_gpu_ready
 from metaqnn.caffe.locate import find_caffe
 from metaqnn.caffe.runner import run_caffe, train_argv
@@ -218,6 +219,20 @@ def finetune_model(
     return result
 
 
+def check_finetune_data(exp_dir: Path) -> None:
+    """Walk the two sets a finetune reads (train_full, test) before caffe does: a damaged page is a
+    one-line error naming the file, not an assertion inside caffe (a search start checks only
+    the sets the search reads)."""
+    with ExperimentStore.open_readonly(exp_dir / STORE_NAME) as store:
+        data_dir = experiment_data_dir(store)
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise FinetuneError(f"{data_dir} holds no prepared data (manifest.json): run `metaqnn prepare` first")
+    for name in ("train_full", "test"):
+        s = manifest["sets"][name]
+        quick_check_lmdb(data_dir / s["path"], int(s["count"]), s["shape"], manifest.get("num_classes"))
+
+
 def finetune(
     exp_dir: Path,
     top: int,
@@ -230,6 +245,7 @@ def finetune(
     caffe = find_caffe(gpu=gpu is not None)
     if gpu is not None:
         ensure_gpu_ready(caffe)
+    check_finetune_data(exp_dir)
     return [
         finetune_model(folder, caffe, gpu, timeout, log, model_dir(exp_dir, _metadata(folder)["model_id"]))
         for folder in _exported(exp_dir, top, include_predicted, log, rank_by)

@@ -51,6 +51,7 @@ from metaqnn.monitor_events import (
     RunWriter,
     Scalar,
     Session,
+    event_files,
     experiment_event,
     read_run,
     scalar_events,
@@ -368,6 +369,11 @@ class LiveCurves:
 # --- writing what is missing ---------------------------------------------------------------------
 
 
+def _run_bytes(folder: Path) -> int:
+    """The size of a run's event files: what its completion mark records, to notice a file cut short."""
+    return sum(p.stat().st_size for p in event_files(folder))
+
+
 class EventSync:
     """Brings an experiment's event files up to what its store and model folders hold.
 
@@ -446,8 +452,10 @@ class EventSync:
         folder = self.root / run
         mark = folder / DONE_MARK
         with contextlib.suppress(OSError):
-            if run not in self.index and mark.read_text().strip() == m.status.value:
-                self.complete.add(m.id)  # written completely before, with this status: nothing to read
+            # written completely before, with this status, and its files are the size they were
+            # then (a file cut short since is read and completed again): nothing to read
+            if run not in self.index and mark.read_text().split() == [m.status.value, str(_run_bytes(folder))]:
+                self.complete.add(m.id)
                 return
         index = self._index(run)
         curves = curves_of_csv(model_dir(self.exp_dir, m.id)) or stored_curves(m)
@@ -468,7 +476,7 @@ class EventSync:
         self.live.pop(m.id, None)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (DONE_MARK + ".tmp")
-        tmp.write_text(m.status.value + "\n")
+        tmp.write_text(f"{m.status.value}\n{_run_bytes(folder)}\n")
         tmp.replace(mark)
         self.complete.add(m.id)
         self.index.pop(run, None)  # a complete run is not read again: its mark says so

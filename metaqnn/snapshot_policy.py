@@ -11,7 +11,7 @@ stopped models that will never be finished.  The policy says what may go:
   predicted so far: the only ones ``finish --top`` could turn into a top model), ``none``;
 * ``keep_solverstate = false``: a stopped model keeps its weights only (it can be restarted from
   them with ``metaqnn train --weights``, not finished where it stopped);
-* ``budget_gb``: an upper bound on all the snapshots of the experiment.  Over it, finish
+* ``budget_gb``: an upper bound on the snapshots of the committed models (trainings in flight come on top).  Over it, finish
   snapshots go first (lowest prediction first), then the best weights of models outside the
   ``top_k`` (lowest accuracy first); the ``top_k`` best weights are never deleted.
 
@@ -46,7 +46,7 @@ class SnapshotPolicy:
     top_k: int = 10  # the models whose best weights always stay, and the rank "within reach" is measured to
     reach: float = 0.02  # how far below the top_k-th accuracy a prediction may be and still be kept
     keep_solverstate: bool = True  # a stopped model's solver state (finishing continues where it stopped)
-    budget_gb: Optional[float] = None  # all snapshots of the experiment; None: unlimited
+    budget_gb: Optional[float] = None  # the committed models' snapshots; None: unlimited
 
     def __post_init__(self) -> None:
         if self.keep_stopped not in KEEP_STOPPED:
@@ -242,7 +242,16 @@ def dropped_record(folder: Path) -> List[Dict[str, Any]]:
         data = json.loads((folder / DROPPED).read_text())
     except (OSError, ValueError):
         return []
-    return [d for d in data.get("dropped", []) if isinstance(d, dict)] if isinstance(data, dict) else []
+    entries = data.get("dropped") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return []  # not a record this module wrote: it only explains, so nothing depends on it
+    out = []
+    for d in entries:
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            size = d.get("bytes")
+            ok = isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            out.append({"name": d["name"], "bytes": size if ok else 0, "reason": str(d.get("reason", "?"))})
+    return out
 
 
 def why_dropped(folder: Path, pattern: str) -> Optional[str]:
@@ -289,10 +298,20 @@ def write_policy(exp_dir: Path, policy: SnapshotPolicy) -> None:
     write_atomic(Path(exp_dir) / POLICY_FILE, json.dumps(policy.to_dict(), indent=1))
 
 
+class UnreadablePolicy(ValueError):
+    """snapshot-policy.json exists but is not one this module wrote."""
+
+
 def read_policy(exp_dir: Path) -> Optional[SnapshotPolicy]:
-    """The policy the experiment's last search applied (None: never written, or unreadable)."""
+    """The policy the experiment's last search applied; None when no search wrote one.
+
+    Raises UnreadablePolicy when the file is there but damaged: its defaults are no stand-in for
+    what was applied (the store does not record the policy)."""
+    path = Path(exp_dir) / POLICY_FILE
+    if not path.exists():
+        return None
     try:
-        data = json.loads((Path(exp_dir) / POLICY_FILE).read_text())
+        data = json.loads(path.read_text())
         budget = data.get("budget_gb")
         return SnapshotPolicy(
             keep_stopped=str(data["keep_stopped"]),
@@ -301,8 +320,8 @@ def read_policy(exp_dir: Path) -> Optional[SnapshotPolicy]:
             keep_solverstate=bool(data["keep_solverstate"]),
             budget_gb=None if budget == "unlimited" else float(budget),
         )
-    except (OSError, ValueError, KeyError, TypeError, ConfigError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+        raise UnreadablePolicy(f"{path} is unreadable ({type(exc).__name__})") from None
 
 
 # --- what it costs ------------------------------------------------------------------------
@@ -324,7 +343,7 @@ class DiskUsage:
     committed: int = 0
     by_status: Dict[str, int] = field(default_factory=dict)
 
-    def lines(self, remaining_models: int, policy: Optional[SnapshotPolicy]) -> List[str]:
+    def lines(self, remaining_models: int, policy: Optional[SnapshotPolicy], policy_note: str = "") -> List[str]:
         snaps = self.best + self.finish + self.other
         out = [
             f"disk: {self.total / GB:.2f} GB in the experiment folder, {snaps / GB:.2f} GB of it snapshots: "
@@ -342,9 +361,11 @@ class DiskUsage:
                 f"  at {per / 1e6:.1f} MB per model so far, the schedule's {remaining_models} remaining models "
                 f"need about {per * remaining_models / GB:.1f} GB more"
             )
+        if policy_note:
+            out.append(f"  snapshot policy: {policy_note}")
         if policy is not None:
             out.append(f"  snapshot policy: {policy.describe()}")
-            if policy.budget_gb is not None and snaps > policy.budget_gb * GB:
+            if policy.budget_gb is not None and self.best + self.finish > policy.budget_gb * GB:
                 out.append(
                     f"  OVER the budget of {policy.budget_gb:g} GB: the top {policy.top_k} models' weights alone are kept"
                 )

@@ -227,3 +227,20 @@ def test_export_weights_copies_only_from_a_folder_the_check_accepts(built, tmp_p
     copied = export_weights(folder, it, tmp_path, check=lambda _d: None)
     assert copied.missing is None and copied.path == tmp_path / "weights.caffemodel"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.caffemodel", "weights.h5"]
+
+
+def test_finetune_walks_the_sets_it_reads_before_caffe_does(exp, tmp_path):
+    """A search start walks only train and val (issue 25); a damaged page of train_full is then a
+    one-line error of `finetune`, naming the file, not an assertion inside caffe."""
+    from test_startup_checks import _garbage_leaf, mdb
+
+    with sqlite3.connect(str(exp / "store.sqlite")) as conn:
+        (data,) = conn.execute("SELECT value FROM meta WHERE key = 'data_dir'").fetchone()
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    with sqlite3.connect(str(exp / "store.sqlite")) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'data_dir'", (str(copy),))
+    _garbage_leaf(mdb(copy, "train_full"))
+    line = one_line_error(cli("finetune", "--exp", str(exp), "--top", "1"), "train_full.lmdb: corrupt LMDB")
+    assert str(copy) in line
+    assert not list((exp / "export").glob("*/finetune.log"))  # caffe never started

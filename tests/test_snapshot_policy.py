@@ -16,12 +16,18 @@ from metaqnn.config import build_config
 from metaqnn.snapshot_policy import (
     DROPPED,
     GB,
+    POLICY_FILE,
     ModelSnapshots,
     SnapFile,
     SnapshotPolicy,
+    UnreadablePolicy,
+    dropped_record,
     kth_best,
     plan_drops,
+    read_policy,
     role_of,
+    why_dropped,
+    write_policy,
 )
 from qagent.errors import ConfigError
 from qagent.status import ModelStatus
@@ -174,3 +180,27 @@ def test_a_search_under_early_stopping_applies_the_policy_when_resumed_with_a_ne
     assert {(m.arch, m.status, m.reward) for m in again.values()} == {
         (m.arch, m.status, m.reward) for m in models.values()
     }  # deleting files changed no result
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"dropped": null}', '{"dropped": 5}', "[1, 2]", '{"dropped": [{"bytes": 1}]}', "{bad"],
+)
+def test_a_damaged_record_of_deletions_explains_nothing_and_breaks_nothing(tmp_path, text):
+    (tmp_path / DROPPED).write_text(text)
+    assert dropped_record(tmp_path) == [] and why_dropped(tmp_path, "snapshots/*") is None
+
+
+def test_a_record_entry_of_the_wrong_types_is_read_safely(tmp_path):
+    (tmp_path / DROPPED).write_text('{"dropped": [{"name": "snapshots/a.caffemodel", "bytes": "x"}]}')
+    assert dropped_record(tmp_path) == [{"name": "snapshots/a.caffemodel", "bytes": 0, "reason": "?"}]
+
+
+def test_a_damaged_policy_file_is_said_not_replaced_by_the_defaults(tmp_path):
+    assert read_policy(tmp_path) is None  # never written: no search of this version ran
+    write_policy(tmp_path, SnapshotPolicy(budget_gb=2.5))
+    assert read_policy(tmp_path) == SnapshotPolicy(budget_gb=2.5)
+    for text in ("{bad", '{"budget_gb": null}', "[]"):
+        (tmp_path / POLICY_FILE).write_text(text)
+        with pytest.raises(UnreadablePolicy, match=r"snapshot-policy\.json is unreadable"):
+            read_policy(tmp_path)

@@ -264,6 +264,14 @@ def test_only_what_a_run_lacks_is_written_and_a_second_writer_is_refused(tmp_pat
     for p in expected:
         want.setdefault(p.tag, []).append((p.step, f32(p.value)))
     assert got == want  # each point once
+    # a finished model's run cut short by hand after its completion mark: read and completed again
+    run = exp / "tensorboard" / "models" / "00004"
+    (events,) = run.glob("events.out.tfevents.*")
+    tags_before = read_run(run).tags
+    events.write_bytes(events.read_bytes()[:-30])
+    assert read_run(run).tags != tags_before
+    monitor.write_events(exp)
+    assert read_run(run).tags == tags_before and monitor.write_events(exp)["points"] == 0
     lock = monitor.WriterLock(exp / "tensorboard")
     assert lock.acquire()
     try:
