@@ -10,6 +10,7 @@ caffe; "outside" = Trainer.train() wall time minus the wall time of the caffe pr
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -23,25 +24,30 @@ from qagent.arch import parse_architecture
 ARCH = "[C(32,3,1), C(32,3,1), P(2,2), C(32,3,1), FC(64), SM(10)]"
 
 
+def digits_job(data: Path, manifest: Dict[str, Any], model_dir: Path, **fields: Any) -> TrainJob:
+    """The benchmark's training: ARCH on prepared digits (``data``), the digits search protocol."""
+    return TrainJob(
+        layers=parse_architecture(ARCH),
+        model_dir=model_dir,
+        caffe=find_caffe().binary,
+        train_lmdb=data / "train.lmdb",
+        val_lmdb=data / "val.lmdb",
+        train_size=manifest["sets"]["train"]["count"],
+        val_size=manifest["sets"]["val"]["count"],
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        protocol=load_protocol("search_digits"),
+        transform=Transform(scale=1 / 256),
+        **fields,
+    )
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         m = prepare(PrepOptions("digits", validation_size=300), d / "data", log=lambda _m: None)
-        job = TrainJob(
-            layers=parse_architecture(ARCH),
-            model_dir=d / "model",
-            caffe=find_caffe().binary,
-            train_lmdb=d / "data" / "train.lmdb",
-            val_lmdb=d / "data" / "val.lmdb",
-            train_size=m["sets"]["train"]["count"],
-            val_size=m["sets"]["val"]["count"],
-            image_size=8,
-            channels=1,
-            num_classes=10,
-            protocol=load_protocol("search_digits"),
-            transform=Transform(scale=1 / 256),
-        )
-        r = Trainer(job).train()
+        r = Trainer(digits_job(d / "data", m, d / "model")).train()
     outside = r.wall_time - r.caffe_time
     print(f"{ARCH}: status {r.status}, best accuracy {r.best_accuracy}, {len(r.curve)} epochs")
     print(f"wall {r.wall_time:.2f} s, inside caffe {r.caffe_time:.2f} s, outside {outside:.3f} s")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, TextIO, Tuple
 
 from metaqnn.caffe.logparse import LogParser, LogState, is_run_header, merge_states, run_number
+from metaqnn.figure3 import figure3_window, rolling_mean  # the report's own line
 from metaqnn.monitor_events import (
     EXPERIMENT_TAG,
     SESSION_END_TAG,
@@ -128,11 +129,12 @@ def samples_of(rows: Iterable[Any]) -> List[Sample]:
 
 def search_points(samples: Sequence[Sample], models: Sequence[Any], window: int) -> List[Scalar]:
     """The search run's scalars, step = iteration; ``models`` are the store's rows (ModelRow)."""
-    from metaqnn.report import _rolling  # Figure 3's own rolling mean
 
     by_arch = {m.arch: m for m in models}
     rewarded = [s for s in samples if s.reward is not None]
-    rolling = dict(zip((s.iteration for s in rewarded), _rolling([float(s.reward or 0.0) for s in rewarded], window)))
+    rolling = dict(
+        zip((s.iteration for s in rewarded), rolling_mean([float(s.reward or 0.0) for s in rewarded], window))
+    )
     out: List[Scalar] = []
     best: Optional[float] = None
     unique: Dict[float, int] = {}
@@ -384,8 +386,6 @@ class EventSync:
     def __init__(self, exp_dir: Path, schedule_total: int, epsilons: Sequence[float], name: str = "") -> None:
         self.exp_dir = Path(exp_dir)
         self.root = self.exp_dir / TB_DIR
-        from metaqnn.report import figure3_window  # the report's own rule: both draw one curve
-
         self.window = figure3_window(schedule_total)
         self.epsilons = list(epsilons)
         self.name = name or self.exp_dir.name

@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from metaqnn.experiment import STORE_NAME, experiment_config
+from metaqnn.figure3 import figure3_curve, figure3_window
 from metaqnn.finetune import finetuned_results, format_results
 from metaqnn.pareto import COSTS, LABELS, comparable, cost_of, pareto_front
 from metaqnn.search import format_summary, summary
@@ -38,30 +39,8 @@ from qagent.store import ExperimentStore
 TYPE_OF = {"C": "convolution", "P": "pooling", "FC": "fully connected", "SM": "termination", "GAP": "termination"}
 
 
-def _rolling(values: List[float], window: int) -> List[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def _samples(store: ExperimentStore) -> List[Tuple[int, float, float]]:
     return [(r["iteration"], r["epsilon"], r["reward"]) for r in store.samples() if r["reward"] is not None]
-
-
-def figure3_window(schedule_total: int) -> int:
-    """Figure 3's rolling window: a tenth of the schedule's models, 5 to 100 (the paper-scale
-    schedules' 2,700 models: 100).  A function of the schedule, not of the samples found, so the
-    live TensorBoard curve (metaqnn.monitor) and every report of an experiment draw the same one."""
-    return min(100, max(5, int(schedule_total) // 10))
-
-
-def figure3_curve(samples: List[Tuple[int, float, float]], window: int) -> List[Tuple[int, float]]:
-    """(iteration, rolling mean accuracy): the line of Figure 3."""
-    return list(zip([s[0] for s in samples], _rolling([s[2] for s in samples], window)))
 
 
 def write_figure3_values(samples: List[Tuple[int, float, float]], window: int, out: Path) -> None:

@@ -24,16 +24,12 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from bench_trainer_overhead import ARCH  # the benchmark's own network
+from bench_trainer_overhead import ARCH, digits_job  # the benchmark's own network and training
 
 from data_prep.prepare import PrepOptions, prepare
-from metaqnn.caffe.locate import find_caffe
 from metaqnn.experiment import model_dir
 from metaqnn.monitor import EventSync
-from metaqnn.netspec import Transform
-from metaqnn.solverspec import load_protocol
 from metaqnn.trainer import Trainer, TrainJob, TrainResult
-from qagent.arch import parse_architecture
 from qagent.status import ModelStatus
 
 
@@ -103,21 +99,7 @@ def main() -> None:
         for k in range(args.rounds):
             for mode in ("off", "on"):
                 exp = d / f"{mode}{k}"
-                job = TrainJob(
-                    layers=parse_architecture(ARCH),
-                    model_dir=model_dir(exp, 1),
-                    caffe=find_caffe().binary,
-                    train_lmdb=d / "data" / "train.lmdb",
-                    val_lmdb=d / "data" / "val.lmdb",
-                    train_size=m["sets"]["train"]["count"],
-                    val_size=m["sets"]["val"]["count"],
-                    image_size=8,
-                    channels=1,
-                    num_classes=10,
-                    protocol=load_protocol("search_digits"),
-                    transform=Transform(scale=1 / 256),
-                    seed=1,
-                )
+                job = digits_job(d / "data", m, model_dir(exp, 1), seed=1)
                 got = train(job, exp if mode == "on" else None, args.interval)
                 runs[mode].append(got)
                 print(

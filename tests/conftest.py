@@ -2,6 +2,7 @@
 `make test` installs it first, so a missing Caffe is a broken setup, not a reason to pass."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,14 @@ def digits_data(tmp_path_factory, caffe):
     out = tmp_path_factory.mktemp("digits")
     manifest = prepare(PrepOptions("digits", validation_size=300), out, log=lambda _m: None)
     return out, manifest
+
+
+@pytest.fixture
+def data(tmp_path, digits_data):
+    """A private copy of the prepared digits folder, to damage (test_bad_data_store, test_startup_checks)."""
+    dst = tmp_path / "data"
+    shutil.copytree(digits_data[0], dst)
+    return dst
 
 
 CAFFE_FIXTURES = {"caffe", "digits_data"}

@@ -62,14 +62,6 @@ def records(path: Path) -> list:
 
 
 @pytest.fixture
-def data(tmp_path, digits_data):
-    """A private copy of the prepared digits folder, to damage."""
-    dst = tmp_path / "data"
-    shutil.copytree(digits_data[0], dst)
-    return dst
-
-
-@pytest.fixture
 def tmpfs(tmp_path):
     """mount(name, size) -> a fresh tmpfs folder (needs root: a small disk to fill, a file system to make read-only)."""
     mounted: List[Path] = []

@@ -29,14 +29,6 @@ PAGE = 4096
 
 
 @pytest.fixture
-def data(tmp_path, digits_data):
-    """A private copy of the prepared digits folder, to damage."""
-    dst = tmp_path / "data"
-    shutil.copytree(digits_data[0], dst)
-    return dst
-
-
-@pytest.fixture
 def walks(monkeypatch) -> Counter:
     """How many times each set is walked page by page (by name), however the walk is reached."""
     seen: Counter = Counter()
